@@ -1,0 +1,171 @@
+#!/usr/bin/env python3
+"""Prepare the patched upstream tree: fetch the pinned llama-cpp-python sdist, verify it, unpack it, apply `series`.
+
+    python ggml_patch/prepare.py --dest build/upstream            # fetches the sdist with pip, by package name
+    python ggml_patch/prepare.py --dest DIR --sdist PATH.tar.gz   # offline, from an sdist you downloaded
+    NSQ_UPSTREAM_SDIST=PATH.tar.gz pip install .                  # offline, through the wheel build
+
+Idempotent: a tree already prepared from the same sdist and patches is left alone (it is not re-unpacked, so
+incremental builds stay incremental); any change to UPSTREAM, series or a patch re-creates it from scratch.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+STAMP = ".nsq-prepared"
+
+
+class PrepareError(RuntimeError):
+    pass
+
+
+def read_pin() -> dict[str, str]:
+    pin = {}
+    for line in (HERE / "UPSTREAM").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            pin[key.strip()] = value.strip()
+    return pin
+
+
+def read_series() -> list[Path]:
+    names = [ln.strip() for ln in (HERE / "series").read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    missing = [n for n in names if not (HERE / n).is_file()]
+    if missing:
+        raise PrepareError(f"ggml_patch/series names patches that do not exist: {', '.join(missing)}")
+    return [HERE / n for n in names]
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def stamp_of(pin: dict[str, str], patches: list[Path]) -> str:
+    h = hashlib.sha256((HERE / "UPSTREAM").read_bytes())
+    for p in patches:
+        h.update(p.name.encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()
+
+
+def sdist_name(pin: dict[str, str]) -> str:
+    return f"{pin['package'].replace('-', '_')}-{pin['version']}.tar.gz"
+
+
+def locate_sdist(pin: dict[str, str], explicit: str | None, cache: Path) -> Path:
+    if explicit:
+        path = Path(explicit).expanduser()
+        if not path.is_file():
+            raise PrepareError(f"upstream sdist {path} does not exist (from --sdist or NSQ_UPSTREAM_SDIST); "
+                               f"download it with: pip download --no-deps --no-binary {pin['package']} "
+                               f"{pin['package']}=={pin['version']}")
+        return path
+    cached = cache / sdist_name(pin)
+    if cached.is_file() and sha256(cached) == pin["sha256"]:
+        return cached
+    cache.mkdir(parents=True, exist_ok=True)
+    print(f"nsq-local: downloading {pin['package']}=={pin['version']} (sdist) with pip", file=sys.stderr)
+    # --no-build-isolation: pip only reads the sdist's metadata; building its build backend would take minutes
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-build-isolation",
+           "--no-binary", pin["package"], f"{pin['package']}=={pin['version']}", "-d", str(cache)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0 or not cached.is_file():
+        raise PrepareError(f"could not download {pin['package']}=={pin['version']} with pip:\n{proc.stderr.strip()}\n"
+                           "Offline? Point NSQ_UPSTREAM_SDIST (or --sdist) at a downloaded copy of "
+                           f"{sdist_name(pin)}.")
+    return cached
+
+
+def git(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True)
+    except FileNotFoundError:
+        raise PrepareError("git is required to apply the patch series (install git)") from None
+
+
+def commit(root: Path, message: str) -> None:
+    git(["add", "-A", "-f", "."], root)
+    proc = git(["-c", "user.name=nsq-local", "-c", "user.email=nsq-local@localhost",
+                "commit", "-q", "--no-verify", "-m", message], root)
+    if proc.returncode != 0:
+        raise PrepareError(f"git commit failed in {root}: {proc.stderr.strip()}")
+
+
+def prepare(dest: Path, explicit_sdist: str | None, cache: Path, commits: bool = False) -> Path:
+    pin = read_pin()
+    patches = read_series()
+    stamp = stamp_of(pin, patches)
+    if not commits and (dest / STAMP).is_file() and (dest / STAMP).read_text().strip() == stamp:
+        return dest
+
+    sdist = locate_sdist(pin, explicit_sdist, cache)
+    digest = sha256(sdist)
+    if digest != pin["sha256"]:
+        raise PrepareError(f"{sdist} has sha256 {digest}, but ggml_patch/UPSTREAM pins {pin['sha256']}: "
+                           f"it is not {pin['package']} {pin['version']} as published. Delete it and fetch it again.")
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".nsq-upstream-", dir=dest.parent))
+    try:
+        with tarfile.open(sdist) as tar:
+            safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+            tar.extractall(work, **safe)
+        (root,) = [p for p in work.iterdir() if p.is_dir()]
+        # the sdist ships stray .git folders; a fresh repository makes `git apply` use this tree's paths
+        for stray in (root / ".git", root / "vendor" / "llama.cpp" / ".git"):
+            shutil.rmtree(stray, ignore_errors=True)
+        git(["init", "-q"], root)
+        if commits:
+            commit(root, f"{pin['package']} {pin['version']} sdist")
+        for patch in patches:
+            proc = git(["apply", "--whitespace=nowarn", str(patch)], root)
+            if proc.returncode != 0:
+                raise PrepareError(f"patch {patch.name} does not apply to {pin['package']} {pin['version']}:\n"
+                                   f"{proc.stderr.strip()}\nRegenerate it as described in ggml_patch/README.md.")
+            if commits:
+                commit(root, patch.name)
+        (root / ".git" / "info" / "exclude").write_text(STAMP + "\n")
+        (root / STAMP).write_text(stamp + "\n")
+        if dest.exists():
+            shutil.rmtree(dest)
+        root.rename(dest)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"nsq-local: prepared {pin['package']} {pin['version']} + {len(patches)} patches in {dest}", file=sys.stderr)
+    return dest
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dest", required=True, type=Path, help="where the patched tree goes")
+    ap.add_argument("--sdist", default=os.environ.get("NSQ_UPSTREAM_SDIST"),
+                    help="an already downloaded sdist (default: $NSQ_UPSTREAM_SDIST, else download with pip)")
+    ap.add_argument("--cache", type=Path,
+                    default=Path(os.environ.get("NSQ_CACHE_DIR", Path.home() / ".cache" / "nsq-local")),
+                    help="where a downloaded sdist is kept (default: $NSQ_CACHE_DIR or ~/.cache/nsq-local)")
+    ap.add_argument("--commits", action="store_true",
+                    help="commit the pristine sdist and then each patch: a work tree to edit and regenerate patches "
+                         "from (see ggml_patch/README.md)")
+    args = ap.parse_args(argv)
+    try:
+        prepare(args.dest.resolve(), args.sdist, args.cache, args.commits)
+    except PrepareError as e:
+        print(f"nsq-local: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Rewrite ggml_patch/*.patch from a work tree made by `prepare.py --commits`: one patch per commit after the
+# pristine sdist, named by the commit's subject, with small (3-line) context.
+set -euo pipefail
+tree=${1:?usage: ggml_patch/regen.sh WORK_TREE}
+here=$(cd "$(dirname "$0")" && pwd)
+base=$(git -C "$tree" rev-list --max-parents=0 HEAD)
+for c in $(git -C "$tree" rev-list --reverse "$base"..HEAD); do
+    name=$(git -C "$tree" log -1 --format=%s "$c")
+    case $name in *.patch) ;; *) echo "commit $c: subject '$name' is not a patch file name" >&2; exit 1;; esac
+    git -C "$tree" diff -U3 --no-color "$c~1" "$c" > "$here/$name"
+    echo "wrote ggml_patch/$name"
+done

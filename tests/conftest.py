@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tools_dir() -> Path:
+    """The llama.cpp tools built from the same patched tree (tests/run.sh builds them into build/tools/bin)."""
+    return Path(os.environ.get("NSQ_TOOLS_DIR", ROOT / "build" / "tools" / "bin"))
+
+
+@pytest.fixture(scope="session")
+def tool():
+    def path(name: str) -> Path:
+        p = tools_dir() / name
+        if not p.is_file():
+            pytest.fail(f"{p} is missing: build the tools with `bash tests/run.sh` (or set NSQ_TOOLS_DIR)")
+        return p
+
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    from nsq_local import models
+
+    try:
+        return models.smollm2()
+    except models.ModelNotInstalled as e:
+        pytest.fail(str(e))
+
+
+@pytest.fixture(scope="session")
+def wikitext() -> Path:
+    p = Path(os.environ.get("NSQ_WIKITEXT", ROOT.parent / "shared" / "data" / "wikitext-2-test.txt"))
+    if not p.is_file():
+        pytest.fail(f"{p} is missing: set NSQ_WIKITEXT to WikiText-2's test split")
+    return p

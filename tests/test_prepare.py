@@ -1,0 +1,83 @@
+"""ggml_patch/prepare.py: pinned, verified, idempotent, and loud when something is off."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+PATCH_DIR = ROOT / "ggml_patch"
+
+
+def load_prepare(patch_dir: Path = PATCH_DIR):
+    spec = importlib.util.spec_from_file_location("nsq_prepare", patch_dir / "prepare.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def sdist() -> Path:
+    prep = load_prepare()
+    cache = Path(os.environ.get("NSQ_CACHE_DIR", Path.home() / ".cache" / "nsq-local"))
+    return prep.locate_sdist(prep.read_pin(), os.environ.get("NSQ_UPSTREAM_SDIST"), cache)
+
+
+def prepare(patch_dir: Path, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(patch_dir / "prepare.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_prepares_once_and_is_idempotent(sdist, tmp_path):
+    dest = tmp_path / "tree"
+    first = prepare(PATCH_DIR, "--dest", dest, "--sdist", sdist)
+    assert first.returncode == 0, first.stderr
+    assert "prepared llama-cpp-python 0.3.36 + " in first.stderr
+    assert "GGML_TYPE_NSQ4" in (dest / "vendor/llama.cpp/ggml/include/ggml.h").read_text()
+    marker = dest / "marker"
+    marker.write_text("kept")
+    second = prepare(PATCH_DIR, "--dest", dest, "--sdist", sdist)
+    assert second.returncode == 0 and "prepared" not in second.stderr
+    assert marker.exists(), "an up-to-date tree must not be re-created"
+
+
+def test_wrong_sha256_is_refused(tmp_path):
+    fake = tmp_path / "llama_cpp_python-0.3.36.tar.gz"
+    fake.write_bytes(b"not the published sdist")
+    proc = prepare(PATCH_DIR, "--dest", tmp_path / "tree", "--sdist", fake)
+    assert proc.returncode == 1
+    assert "ggml_patch/UPSTREAM pins 832db0699007f1be" in proc.stderr and "fetch it again" in proc.stderr
+    assert not (tmp_path / "tree").exists()
+
+
+def test_missing_sdist_names_the_fix(tmp_path):
+    proc = prepare(PATCH_DIR, "--dest", tmp_path / "tree", "--sdist", tmp_path / "nowhere.tar.gz")
+    assert proc.returncode == 1
+    assert "does not exist" in proc.stderr and "pip download --no-deps --no-binary llama-cpp-python" in proc.stderr
+
+
+def test_patch_that_does_not_apply_is_named(sdist, tmp_path):
+    patch_dir = tmp_path / "ggml_patch"
+    shutil.copytree(PATCH_DIR, patch_dir)
+    # the first patch once more, at the end: its hunks no longer match the tree it would be applied to
+    first = load_prepare().read_series()[0]
+    (patch_dir / "9999-broken.patch").write_text(first.read_text())
+    (patch_dir / "series").write_text((patch_dir / "series").read_text() + "9999-broken.patch\n")
+    proc = prepare(patch_dir, "--dest", tmp_path / "tree", "--sdist", sdist)
+    assert proc.returncode == 1
+    assert "patch 9999-broken.patch does not apply to llama-cpp-python 0.3.36" in proc.stderr
+    assert "Regenerate it as described in ggml_patch/README.md" in proc.stderr
+    assert not (tmp_path / "tree").exists()
+
+
+def test_patches_are_small_context_git_diffs():
+    for name in load_prepare().read_series():
+        text = name.read_text()
+        assert text.startswith("diff --git a/"), name
+        assert "pythonhosted" not in text and "pypi.org" not in text

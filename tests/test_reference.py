@@ -1,0 +1,118 @@
+"""NSQ4: ggml's C reference, the CPU backend's from_float and the numpy reference agree bit for bit."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from nsq_local import cquant
+from nsq_local import reference as ref
+
+
+def random_blocks(seed: int, n: int) -> np.ndarray:
+    """Gaussian, heavy-tailed and outlier-channel blocks with norms spread over many decades."""
+    rng = np.random.default_rng(seed)
+    gauss = rng.standard_normal((n, 64))
+    heavy = rng.standard_t(2, (n, 64))
+    outlier = rng.standard_normal((n, 64))
+    outlier[:, rng.integers(0, 64, n)] *= 50
+    x = np.concatenate([gauss, heavy, outlier]) * rng.lognormal(0, 3, (3 * n, 1))
+    return x.astype(np.float32)
+
+
+def adversarial_blocks() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(7)
+    base = rng.standard_normal(64).astype(np.float32)
+    blocks = {
+        "zeros": np.zeros(64),
+        "one huge channel": np.where(np.arange(64) == 5, 1e4, 1e-3),
+        "one channel only": np.where(np.arange(64) == 63, -3.0, 0.0),
+        "1e-30 values": np.full(64, 1e-30),
+        "denormals": np.full(64, 1e-40) * np.sign(base),
+        "just above the zero threshold": base / np.abs(base).max() * 2.0**-24,
+        "near fp16 max": 65000.0 * np.sign(base),
+        "beyond fp16 range": base * 1e6,
+        "near float max": np.full(64, 3e38) * np.sign(base),
+        "NaN": np.where(np.arange(64) == 9, np.nan, base),
+        "+Inf": np.where(np.arange(64) == 0, np.inf, base),
+        "-Inf": np.where(np.arange(64) == 63, -np.inf, base),
+        "all equal": np.full(64, 0.5),
+        "all negative": -np.abs(base),
+        "ties on the grid": np.round(base * 8) / 8,
+    }
+    return {k: np.asarray(v, dtype=np.float32) for k, v in blocks.items()}
+
+
+def test_codebook_matches_c():
+    """Dequantizing d=1 blocks that hold every code reproduces the C table, in the documented nibble order."""
+    codes = np.arange(64) % 16
+    raw = np.zeros(34, dtype=np.uint8)
+    raw[:2] = np.array([1], dtype=np.float16).view(np.uint8)
+    raw[2:] = codes[:32] | (codes[32:] << 4)
+    assert np.array_equal(cquant.dequantize("nsq4", raw), ref.KVALUES[codes].astype(np.float32))
+    assert np.array_equal(ref.dequantize(raw), cquant.dequantize("nsq4", raw))
+
+
+def test_block_layout():
+    assert cquant.block_info("nsq4") == (64, 34)
+    assert ref.BITS_PER_VALUE == 4.25
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_random_blocks_bit_exact(seed):
+    x = random_blocks(seed, 2000)
+    c_ref = cquant.quantize("nsq4", x, "ref")
+    np.testing.assert_array_equal(ref.quantize(x), c_ref)
+    np.testing.assert_array_equal(cquant.quantize("nsq4", x, "cpu"), c_ref)
+    np.testing.assert_array_equal(ref.dequantize(c_ref), cquant.dequantize("nsq4", c_ref))
+
+
+@pytest.mark.parametrize("name", list(adversarial_blocks()))
+def test_adversarial_block_bit_exact(name):
+    x = adversarial_blocks()[name]
+    c_ref = cquant.quantize("nsq4", x, "ref")
+    np.testing.assert_array_equal(ref.quantize(x), c_ref)
+    np.testing.assert_array_equal(cquant.quantize("nsq4", x, "cpu"), c_ref)
+    y = cquant.dequantize("nsq4", c_ref)
+    assert np.isfinite(y).all(), "the cache must never hold NaN or Inf"
+    d = c_ref[:2].view(np.float16)[0]
+    assert np.isfinite(d) and d >= 0
+
+
+def test_special_blocks_store_zero():
+    blocks = adversarial_blocks()
+    for name in ("zeros", "1e-30 values", "denormals", "NaN", "+Inf", "-Inf"):
+        raw = ref.quantize(blocks[name])
+        assert raw[:2].view(np.float16)[0] == 0, name
+        assert (raw[2:] == 0x88).all(), name
+        assert not ref.dequantize(raw).any(), name
+
+
+def test_norm_is_preserved():
+    x = random_blocks(3, 500).reshape(-1, 64)
+    raw = ref.quantize(x)
+    y = ref.dequantize(raw).reshape(-1, 64)
+    d = raw.reshape(-1, 34)[:, :2].copy().view(np.float16)[:, 0]
+    normal = d >= np.finfo(np.float16).smallest_normal  # a subnormal d has fewer significant bits
+    assert normal.sum() > 1000
+    ratio = np.linalg.norm(y[normal], axis=1) / np.linalg.norm(x[normal], axis=1)
+    # what is left is the rounding of d to fp16 (2^-11 relative) and the 2047-step grid
+    assert np.abs(ratio - 1).max() < 6e-4
+
+
+def test_saturates_instead_of_inf():
+    raw = ref.quantize(adversarial_blocks()["near float max"])
+    assert raw[:2].view(np.float16)[0] == np.float16(65504)
+
+
+def test_error_beats_q4_0_at_fewer_bits_on_gaussian_data():
+    rng = np.random.default_rng(11)
+    x = (rng.standard_normal((4000, 64)) * rng.lognormal(0, 1, (4000, 1))).astype(np.float32)
+    err = {t: np.linalg.norm(cquant.dequantize(t, cquant.quantize(t, x)) - x.reshape(-1)) for t in ("nsq4", "q4_0")}
+    assert err["nsq4"] < 1.05 * err["q4_0"], err
+
+
+def test_bad_sizes_are_rejected():
+    with pytest.raises(ValueError, match="multiple of 64"):
+        ref.quantize(np.zeros(65, dtype=np.float32))
+    with pytest.raises(ValueError, match="34-byte blocks"):
+        ref.dequantize(np.zeros(33, dtype=np.uint8))

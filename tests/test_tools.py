@@ -1,0 +1,81 @@
+"""The llama.cpp tools and ggml's own tests, built from the same patched tree, know nsq4."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+
+def run(cmd: list, env: dict | None = None, timeout: int = 600) -> str:
+    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"{cmd[0]} exited {proc.returncode}:\n{out[-3000:]}"
+    return out
+
+
+def test_quantize_fns_nsq4(tool):
+    out = run([tool("test-quantize-fns"), "-v"])
+    section = out[out.index("Testing nsq4"):]
+    checks = re.findall(r"nsq4 (absolute quantization error|reference implementation error|dot product error):\s+(\w+)",
+                        section)
+    assert [c[0] for c in checks] == ["absolute quantization error", "reference implementation error",
+                                     "dot product error"], section[:500]
+    assert all(status == "ok" for _, status in checks), section[:500]
+    assert "0 tests failed" in out
+
+
+def perplexity(tool, model: Path, text: Path, cache: str, env: dict | None = None) -> tuple[float, str]:
+    out = run([tool("llama-perplexity"), "-m", model, "-f", text, "-c", 1024, "--chunks", 2, "-fa", "on",
+               "-ctk", cache, "-ctv", cache, "-t", os.cpu_count() or 2, "-lv", 4], env=env)
+    m = re.search(r"Final estimate: PPL = ([0-9.]+)", out)
+    assert m, out[-2000:]
+    return float(m.group(1)), out
+
+
+@pytest.fixture(scope="module")
+def f16_ppl(tool, smollm2, wikitext) -> float:
+    return perplexity(tool, smollm2, wikitext, "f16")[0]
+
+
+def test_nsq4_perplexity_within_10_percent_of_f16(tool, smollm2, wikitext, f16_ppl):
+    ppl, log = perplexity(tool, smollm2, wikitext, "nsq4")
+    assert "attn_rot_k = 1" in log, "upstream's Hadamard rotation is on by default for quantized K"
+    assert "K (nsq4)" in log and "V (nsq4)" in log
+    print(f"SmolLM2 PPL f16 {f16_ppl:.4f}, nsq4 {ppl:.4f}")
+    assert ppl != f16_ppl, "a lossy cache must change the scored logits"
+    assert ppl < 1.10 * f16_ppl
+
+
+def test_nsq4_without_rotation_beats_q4_0_without_rotation(tool, smollm2, wikitext, f16_ppl):
+    off = {"LLAMA_ATTN_ROT_DISABLE": "1"}
+    ppl, log = perplexity(tool, smollm2, wikitext, "nsq4", off)
+    assert "attn_rot_k = 0" in log
+    q4_0, _ = perplexity(tool, smollm2, wikitext, "q4_0", off)
+    print(f"SmolLM2 PPL without rotation: f16 {f16_ppl:.4f}, q4_0 {q4_0:.4f}, nsq4 {ppl:.4f}")
+    assert f16_ppl < ppl < q4_0
+
+
+def test_quantized_v_without_flash_attention_is_refused(tool, smollm2, wikitext):
+    proc = subprocess.run([str(tool("llama-perplexity")), "-m", str(smollm2), "-f", str(wikitext), "-c", "128",
+                           "--chunks", "1", "-fa", "off", "-ctk", "nsq4", "-ctv", "nsq4"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "quantized V cache (nsq4) requires flash attention: enable it (-fa on" in proc.stderr
+
+
+def test_unknown_cache_type_lists_valid_ones(tool, smollm2):
+    proc = subprocess.run([str(tool("llama-perplexity")), "-m", str(smollm2), "-ctk", "nsq5"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "Unsupported cache type: nsq5 (valid: " in proc.stderr and "nsq4" in proc.stderr
+
+
+def test_llama_bench_accepts_nsq4(tool, smollm2):
+    out = run([tool("llama-bench"), "-m", smollm2, "-fa", 1, "-ctk", "nsq4", "-ctv", "nsq4", "-p", 32, "-n", 4,
+               "-r", 1, "-t", os.cpu_count() or 2, "-o", "csv"])
+    rows = [ln for ln in out.splitlines() if "nsq4" in ln]
+    assert len(rows) == 2, out[-2000:]  # a prompt row and a generation row
