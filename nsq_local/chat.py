@@ -3,16 +3,36 @@
     nsq-chat                                  # the bundled demo model (SmolLM2-135M-Instruct), nsq4 cache
     nsq-chat model.gguf --cache-type nsq4     # your model
     nsq-chat -p "Why is the sky blue?"        # one answer, then exit
+
+In a conversation: /reset starts over, /stats shows the cache and the speed of the last answer, /exit or Ctrl-D
+quits, Ctrl-C stops the answer being written. Each turn evaluates only the new tokens: the conversation so far stays
+in the KV cache.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 from nsq_local import models
+from nsq_local.kvcache import CACHE_TYPES, KVCacheSize, open_llama
+
+EXIT_USAGE = 2
+
+
+@dataclass
+class TurnStats:
+    prompt_tokens: int = 0  # evaluated this turn, i.e. not already in the cache
+    generated: int = 0
+    prompt_s: float = 0.0
+    generate_s: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.generated / self.generate_s if self.generate_s > 0 else 0.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,73 +58,143 @@ def build_parser() -> argparse.ArgumentParser:
 
 def fail(msg: str) -> int:
     print(f"nsq-chat: error: {msg}", file=sys.stderr)
-    return 2
+    return EXIT_USAGE
+
+
+def resolve_model(arg: Optional[str]) -> Path:
+    if arg is None:
+        model = models.smollm2()  # raises ModelNotInstalled with the install command
+        print(f"nsq-chat: no model given, using the bundled demo model {model.name}", file=sys.stderr)
+        return model
+    model = Path(arg)
+    if not model.is_file():
+        raise FileNotFoundError(f"model file {model} does not exist")
+    try:
+        with open(model, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise FileNotFoundError(f"cannot read model file {model}: {e.strerror}") from None
+    if magic != b"GGUF":
+        raise FileNotFoundError(f"{model} is not a GGUF model file")
+    return model
+
+
+class Chat:
+    def __init__(self, llm, kv: KVCacheSize, args: argparse.Namespace):
+        self.llm = llm
+        self.kv = kv
+        self.args = args
+        self.system = [{"role": "system", "content": args.system_prompt}] if args.system_prompt else []
+        self.history = list(self.system)
+        self.last = TurnStats()
+
+    def banner(self, model: Path) -> str:
+        saving = 100 * (1 - self.kv.mib / self.kv.f16_mib)
+        return (f"nsq-chat: {model.name}, context {self.llm.n_ctx()}, cache K {self.kv.type_k} / V {self.kv.type_v}, "
+                f"KV cache {self.kv.mib:.1f} MiB ({saving:.0f}% less than f16's {self.kv.f16_mib:.1f} MiB)")
+
+    def answer(self, text: str) -> bool:
+        """Stream an answer to `text`; False when the context is full."""
+        import llama_cpp
+
+        self.history.append({"role": "user", "content": text})
+        parts: list[str] = []
+        llama_cpp.llama_perf_context_reset(self.llm.ctx)
+        start = time.perf_counter()
+        try:
+            # the whole history goes in; llama_cpp keeps the cached prefix and evaluates only the new tokens
+            for chunk in self.llm.create_chat_completion(messages=self.history, max_tokens=self.args.n_predict,
+                                                         temperature=self.args.temp, stream=True):
+                piece = chunk["choices"][0]["delta"].get("content")
+                if piece:
+                    parts.append(piece)
+                    print(piece, end="", flush=True)
+                if chunk["choices"][0].get("finish_reason") == "length" and self.context_left() <= 0:
+                    print("\n[the context is full: /reset to start a new conversation]", end="")
+        except KeyboardInterrupt:
+            print(" [stopped]", end="")
+        except ValueError as e:
+            if "exceed context window" not in str(e):
+                raise
+            self.history.pop()
+            print(f"[the context is full ({self.llm.n_tokens} of {self.llm.n_ctx()} tokens): "
+                  "/reset to start a new conversation]")
+            return False
+        print(flush=True)
+        perf = llama_cpp.llama_perf_context(self.llm.ctx)
+        self.last = TurnStats(perf.n_p_eval, perf.n_eval, perf.t_p_eval_ms / 1e3, perf.t_eval_ms / 1e3)
+        if self.args.verbose:
+            print(f"[{time.perf_counter() - start:.1f} s]", file=sys.stderr)
+        self.history.append({"role": "assistant", "content": "".join(parts)})
+        return True
+
+    def context_left(self) -> int:
+        return self.llm.n_ctx() - self.llm.n_tokens
+
+    def stats(self) -> str:
+        s = self.last
+        return (f"tokens in context: {self.llm.n_tokens} of {self.llm.n_ctx()}\n"
+                f"KV cache: {self.kv.mib:.1f} MiB (K {self.kv.type_k} {self.kv.k_mib:.1f} MiB, "
+                f"V {self.kv.type_v} {self.kv.v_mib:.1f} MiB; f16 would take {self.kv.f16_mib:.1f} MiB)\n"
+                f"last answer: {s.generated} tokens at {s.tokens_per_s:.1f} tokens/s; "
+                f"prompt: {s.prompt_tokens} new tokens evaluated in {s.prompt_s:.2f} s")
+
+    def reset(self) -> None:
+        self.history = list(self.system)
+        self.llm.reset()
+        self.last = TurnStats()
+
+    def loop(self) -> int:
+        print("nsq-chat: type a message; /reset, /stats, /exit (or Ctrl-D); Ctrl-C stops an answer",
+              file=sys.stderr)
+        while True:
+            try:
+                line = input("> ").strip()
+            except EOFError:
+                print()
+                return 0
+            except KeyboardInterrupt:
+                print()
+                continue
+            if line == "/exit":
+                return 0
+            if line == "/reset":
+                self.reset()
+                print("[conversation reset]")
+            elif line == "/stats":
+                print(self.stats())
+            elif line.startswith("/"):
+                print("[commands: /reset, /stats, /exit]")
+            elif line:
+                self.answer(line)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    model_arg = args.model_opt or args.model
-    if model_arg is None:
-        try:
-            model = models.smollm2()
-        except models.ModelNotInstalled as e:
-            return fail(f"no model given and {e}")
-        print(f"nsq-chat: no model given, using the bundled demo model {model.name}", file=sys.stderr)
-    else:
-        model = Path(model_arg)
-        if not model.is_file():
-            return fail(f"model file {model} does not exist")
-    type_k = args.cache_type_k or args.cache_type or "nsq4"
-    type_v = args.cache_type_v or args.cache_type or "nsq4"
-
-    import llama_cpp
+    type_k = (args.cache_type_k or args.cache_type or "nsq4").lower()
+    type_v = (args.cache_type_v or args.cache_type or "nsq4").lower()
+    for flag, value in (("cache-type-k", type_k), ("cache-type-v", type_v)):
+        if value not in CACHE_TYPES:
+            return fail(f"unknown --{flag} '{value}'; use one of: {', '.join(CACHE_TYPES)}")
+    try:
+        model = resolve_model(args.model_opt or args.model)
+    except FileNotFoundError as e:  # ModelNotInstalled included
+        return fail(str(e))
 
     try:
-        llm = llama_cpp.Llama(
-            model_path=str(model), n_ctx=args.ctx_size, type_k=type_k, type_v=type_v,
-            flash_attn={"on": True, "off": False, "auto": None}[args.flash_attn],
-            n_threads=args.threads, seed=args.seed if args.seed >= 0 else llama_cpp.LLAMA_DEFAULT_SEED,
-            verbose=args.verbose,
+        llm, kv = open_llama(
+            verbose=args.verbose, model_path=str(model), n_ctx=args.ctx_size, type_k=type_k, type_v=type_v,
+            flash_attn={"on": True, "off": False, "auto": None}[args.flash_attn], n_threads=args.threads,
+            seed=args.seed if args.seed >= 0 else 0xFFFFFFFF,
         )
     except ValueError as e:
         return fail(str(e))
-    print(f"nsq-chat: {model.name}, context {llm.n_ctx()}, cache K {type_k} / V {type_v}", file=sys.stderr)
-
-    history: list[dict] = []
-    if args.system_prompt:
-        history.append({"role": "system", "content": args.system_prompt})
-
-    def answer(text: str) -> None:
-        history.append({"role": "user", "content": text})
-        parts = []
-        start = time.perf_counter()
-        # the whole history goes in each turn; llama_cpp keeps the cached prefix and evaluates only the new tokens
-        for chunk in llm.create_chat_completion(messages=history, max_tokens=args.n_predict,
-                                                temperature=args.temp, stream=True):
-            piece = chunk["choices"][0]["delta"].get("content")
-            if piece:
-                parts.append(piece)
-                print(piece, end="", flush=True)
-        print()
-        history.append({"role": "assistant", "content": "".join(parts)})
-        if args.verbose:
-            print(f"[{time.perf_counter() - start:.1f} s]", file=sys.stderr)
+    chat = Chat(llm, kv, args)
+    print(chat.banner(model), file=sys.stderr)
 
     if args.prompt is not None:
-        answer(args.prompt)
-        return 0
-
-    print("nsq-chat: type a message; /exit or Ctrl-D to quit", file=sys.stderr)
-    while True:
-        try:
-            line = input("> ").strip()
-        except EOFError:
-            print()
-            return 0
-        if line == "/exit":
-            return 0
-        if line:
-            answer(line)
+        return 0 if chat.answer(args.prompt) else 1
+    return chat.loop()
 
 
 if __name__ == "__main__":

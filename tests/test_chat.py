@@ -1,0 +1,87 @@
+"""nsq-chat, driven as a person would: a real terminal session on SmolLM2 with an NSQ4 cache."""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+
+import pexpect
+import pytest
+
+ARGS = ["--temp", "0", "-n", "40", "-c", "1024", "-t", "2"]
+
+
+@pytest.fixture(scope="module")
+def nsq_chat() -> str:
+    exe = shutil.which("nsq-chat")
+    if exe is None:
+        pytest.fail("the nsq-chat command is not on PATH: install nsq-local (pip install .)")
+    return exe
+
+
+def stats(child: pexpect.spawn) -> dict[str, int]:
+    child.sendline("/stats")
+    child.expect(r"tokens in context: (\d+) of (\d+)")
+    in_context = int(child.match.group(1))
+    child.expect(r"KV cache: ([0-9.]+) MiB .*?f16 would take ([0-9.]+) MiB")
+    kv, f16 = float(child.match.group(1)), float(child.match.group(2))
+    child.expect(r"last answer: (\d+) tokens at ([0-9.]+) tokens/s; prompt: (\d+) new tokens")
+    child.expect_exact("> ")
+    return {"in_context": in_context, "kv": kv, "f16": f16, "generated": int(child.match.group(1)),
+            "prompt": int(child.match.group(3))}
+
+
+def test_two_turns_stats_reset_and_exit(nsq_chat):
+    child = pexpect.spawn(nsq_chat, ARGS, encoding="utf-8", timeout=180)
+    try:
+        child.expect(r"cache K nsq4 / V nsq4, KV cache ([0-9.]+) MiB \((\d+)% less than f16's ([0-9.]+) MiB\)")
+        assert int(child.match.group(2)) > 70  # 4.25 of 16 bits
+        child.expect_exact("> ")
+        child.sendline("What is the capital of France?")
+        child.expect("Paris")
+        child.expect_exact("> ")
+        first = stats(child)
+        assert first["generated"] > 0 and first["prompt"] > 0
+        assert first["kv"] < 0.3 * first["f16"]
+
+        child.sendline("What is the capital of Germany?")
+        child.expect_exact("> ")
+        second = stats(child)
+        assert second["in_context"] > first["in_context"]
+        # the first turn stayed in the cache: only the new messages were evaluated
+        assert second["prompt"] < second["in_context"] - first["in_context"] + first["generated"] + 8, second
+        assert second["prompt"] < first["in_context"]
+
+        child.sendline("/reset")
+        child.expect_exact("[conversation reset]")
+        child.expect_exact("> ")
+        assert stats(child)["in_context"] == 0
+
+        child.sendeof()
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+
+
+def test_prompt_mode_prints_the_answer(nsq_chat):
+    proc = subprocess.run([nsq_chat, *ARGS, "-p", "What is the capital of France?"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "Paris" in proc.stdout
+    assert "using the bundled demo model SmolLM2-135M-Instruct.Q4_1.gguf" in proc.stderr
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["-ctk", "nsq5"], "unknown --cache-type-k 'nsq5'; use one of: "),
+    (["--cache-type", "q3"], "unknown --cache-type-k 'q3'; use one of: "),
+    (["/no/such/model.gguf"], "model file /no/such/model.gguf does not exist"),
+    ([__file__], "is not a GGUF model file"),
+    (["-ctv", "nsq4", "-fa", "off"], "requires flash attention: pass flash_attn=True"),
+])
+def test_bad_arguments_are_one_line_and_exit_2(nsq_chat, args, message):
+    proc = subprocess.run([nsq_chat, *args, "-p", "hi"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("nsq-chat: error: ")]
+    assert len(errors) == 1 and message in errors[0], proc.stderr
