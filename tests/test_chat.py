@@ -27,9 +27,9 @@ def stats(child: pexpect.spawn) -> dict[str, int]:
     child.expect(r"KV cache: ([0-9.]+) MiB .*?f16 would take ([0-9.]+) MiB")
     kv, f16 = float(child.match.group(1)), float(child.match.group(2))
     child.expect(r"last answer: (\d+) tokens at ([0-9.]+) tokens/s; prompt: (\d+) new tokens")
+    generated, prompt = int(child.match.group(1)), int(child.match.group(3))
     child.expect_exact("> ")
-    return {"in_context": in_context, "kv": kv, "f16": f16, "generated": int(child.match.group(1)),
-            "prompt": int(child.match.group(3))}
+    return {"in_context": in_context, "kv": kv, "f16": f16, "generated": generated, "prompt": prompt}
 
 
 def test_two_turns_stats_reset_and_exit(nsq_chat):
@@ -58,6 +58,51 @@ def test_two_turns_stats_reset_and_exit(nsq_chat):
         child.expect_exact("> ")
         assert stats(child)["in_context"] == 0
 
+        child.sendeof()
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+
+
+def test_ctrl_c_stops_the_answer_not_the_program(nsq_chat):
+    child = pexpect.spawn(nsq_chat, ["--temp", "0", "-n", "400", "-c", "1024", "-t", "2"], encoding="utf-8",
+                          timeout=180)
+    try:
+        child.expect_exact("> ")
+        child.sendline("Write a long story about a dragon.")
+        child.expect(r"\w+ \w+ \w+")  # the answer is streaming
+        child.sendintr()
+        child.expect_exact("[stopped]")
+        child.expect_exact("> ")
+        child.sendline("/stats")
+        child.expect(r"last answer: (\d+) tokens")
+        assert 0 < int(child.match.group(1)) < 400
+        child.expect_exact("> ")
+        child.sendline("/exit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+
+
+def test_full_context_offers_reset(nsq_chat):
+    child = pexpect.spawn(nsq_chat, ["--temp", "0", "-n", "200", "-c", "128", "-t", "2"], encoding="utf-8",
+                          timeout=180)
+    try:
+        child.expect_exact("> ")
+        for _ in range(4):  # a 128-token context holds fewer than four such turns
+            child.sendline("Tell me about the history of Paris in detail.")
+            if child.expect([r"\[the context is full.*?/reset to start a new conversation\]", "> "]) == 0:
+                break
+        else:
+            pytest.fail("the context never filled up")
+        child.expect_exact("> ")
+        child.sendline("/reset")
+        child.expect_exact("[conversation reset]")
+        child.sendline("What is the capital of France?")
+        child.expect("Paris")
+        child.expect_exact("> ")
         child.sendeof()
         child.expect(pexpect.EOF)
     finally:
