@@ -4,7 +4,8 @@ No Mac is needed: the functions between the `NSQ4 BLOCK FUNCTIONS` markers of th
 kernels/dequantize.h are cut out verbatim and compiled with g++ against tests/metal_shim (half = _Float16,
 address-space qualifiers empty, precise:: = IEEE ops) and the patched ggml-common.h (block_nsq4 and its tables, as
 Metal sees them). This checks the arithmetic of quantize_nsq4, dequantize_nsq4 and dequantize_nsq4_t4, not the
-kernels around them, which only a Metal device can compile and run.
+kernels around them, which only a Metal device can compile and run; for those, the last test checks statically that
+the instantiations mirror q4_0's.
 """
 from __future__ import annotations
 
@@ -164,3 +165,42 @@ def test_shim_catches_a_wrong_kernel(upstream):
     broken = build(upstream, blocks.replace("c += 16*xg > ", "c += 16*xg >= "), "broken")
     x = np.concatenate([random_blocks(0, 200), adversarial_blocks()["ties on the grid"].reshape(1, -1)])
     assert not np.array_equal(metal_quantize(broken, x), ref.quantize(x))
+
+
+def host_names(text: str, prefix: str) -> dict[str, str]:
+    """kernel name -> its template arguments, for the instantiations whose name starts with prefix."""
+    pat = re.compile(r'host_name\("(' + prefix + r'[^"]*)"\s*\)\]\].*?<(.*)>;')
+    return {m.group(1): re.sub(r"\s+", " ", m.group(2)) for m in pat.finditer(text)}
+
+
+def test_metal_instantiations_mirror_q4_0(upstream):
+    """Every flash-attention kernel q4_0 has at head sizes 64/128/256 exists for nsq4, with nsq4's block, its
+    16-value (nl = 4) and 4-value (nl = 16) dequantizers, and the same remaining template arguments; and the
+    set_rows/cpy/get_rows/F16-pre-conversion kernels, CMake sources and library entries are all there."""
+    metal = upstream / "vendor/llama.cpp/ggml/src/ggml-metal"
+    heads = re.compile(r"_dk(64|128|256)_dv\1(_|$)")
+    for q4_file, nsq4_file, deq, nl in (("fa_q4_0.metal", "fa_nsq4.metal", "dequantize_nsq4", 4),
+                                        ("fa_vec_q4_0.metal", "fa_vec_nsq4.metal", "dequantize_nsq4_t4", 16)):
+        q4 = host_names((metal / "kernels" / q4_file).read_text(), "kernel_flash_attn_ext_")
+        ours = host_names((metal / "kernels" / nsq4_file).read_text(), "kernel_flash_attn_ext_")
+        want = {name.replace("_q4_0_", "_nsq4_"): re.sub(r"block_q4_0, \d+, dequantize_q4_0(_t4)?",
+                                                           f"block_nsq4, {nl}, {deq}", args)
+                for name, args in q4.items() if heads.search(name)}
+        assert ours == want, nsq4_file
+
+    quantize = host_names((metal / "kernels" / "quantize.metal").read_text(), "kernel_")
+    assert quantize["kernel_cpy_f32_nsq4"] == "QK_NSQ4, block_nsq4, quantize_nsq4"
+    assert quantize["kernel_cpy_nsq4_f32"] == "float4x4, block_nsq4, 4, dequantize_nsq4"
+    assert quantize["kernel_cpy_nsq4_f16"] == "half4x4, block_nsq4, 4, dequantize_nsq4"
+    assert quantize["kernel_get_rows_nsq4"] == "block_nsq4, 4, dequantize_nsq4"
+    for idx in ("i32", "i64"):
+        assert quantize[f"kernel_set_rows_f32_{idx}_nsq4"] == \
+            f"float, int{idx[1:]}_t, QK_NSQ4, block_nsq4, quantize_nsq4"
+    aux = host_names((metal / "kernels" / "fa_aux.metal").read_text(), "kernel_flash_attn_ext_kv_")
+    assert aux["kernel_flash_attn_ext_kv_nsq4_f16"] == "block_nsq4, QK_NSQ4, dequantize_nsq4"
+
+    cmake = (metal / "CMakeLists.txt").read_text()
+    device = (metal / "ggml-metal-device.m").read_text()
+    for lib in ("fa_nsq4", "fa_vec_nsq4"):
+        assert f"kernels/{lib}.metal" in cmake
+        assert re.search(r"X\(\w+,\s+" + lib + r"\)", device)
