@@ -44,7 +44,7 @@ UNITS = (
 def nvcc() -> str:
     path = shutil.which("nvcc")
     if path is None:
-        pytest.fail("nvcc is not on PATH: these tests compile the CUDA backend and need the CUDA toolkit (nvcc 12.8+)")
+        pytest.fail("nvcc is not on PATH: these tests compile the CUDA backend and need the CUDA toolkit")
     return path
 
 
@@ -249,7 +249,7 @@ def test_nsq4_cuda_quantizer_adversarial(nsq4_host, tmp_path):
 
 
 def test_nsq4_cuda_quantizer_random(nsq4_host, tmp_path):
-    x = random_blocks(20000)
+    x = random_blocks(100000)
     check_bit_exact(nsq4_host, x, [f"random block {i}" for i in range(len(x))], tmp_path)
 
 
