@@ -1,0 +1,269 @@
+"""The CUDA side of NSQ4 (ggml_patch 0003) without a GPU: every translation unit the patch adds or changes compiles
+with nvcc for sm_80 and sm_90 with the flags of the real -DGGML_CUDA=ON build, and the block quantizer those kernels
+run (ggml-cuda/nsq4.cuh) is bit-exact with nsq_local/reference.py when the same code runs on the host.
+
+Nothing here runs on a GPU: the device paths of nsq4.cuh differ from the host path only in using the IEEE
+round-to-nearest intrinsics (__fmul_rn, __fdiv_rn, __fsqrt_rn) where the host uses the IEEE operators.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nsq_local import reference
+
+ROOT = Path(__file__).resolve().parent.parent
+TREE = ROOT / "build" / "upstream"
+LLAMA = TREE / "vendor" / "llama.cpp"
+OUT = ROOT / "build" / "cuda-compile"
+
+ARCHS = ("80", "90")
+# everything 0003 adds or changes, and every other unit that includes a header it changes (besides common.cuh)
+UNITS = (
+    "convert.cu",
+    "getrows.cu",
+    "set-rows.cu",
+    "cpy.cu",
+    "fattn.cu",
+    "template-instances/fattn-vec-instance-nsq4-nsq4.cu",
+    "lightning-indexer.cu",
+    "ggml-cuda.cu",
+)
+
+
+def nvcc() -> str:
+    path = shutil.which("nvcc")
+    if path is None:
+        pytest.fail("nvcc is not on PATH: these tests compile the CUDA backend and need the CUDA toolkit")
+    return path
+
+
+def cublas_include() -> Path:
+    """cuBLAS headers from the nvidia-cublas wheel (.ci/run installs it); the toolkit's own when it has them."""
+    try:
+        import nvidia
+    except ImportError:
+        nvidia = None
+    for base in list(getattr(nvidia, "__path__", [])):
+        for inc in sorted(Path(base).glob("*/include")):
+            if (inc / "cublas_v2.h").is_file():
+                return inc
+    toolkit = Path(nvcc()).resolve().parent.parent
+    for inc in [toolkit / "include", *toolkit.glob("targets/*/include")]:
+        if (inc / "cublas_v2.h").is_file():
+            return inc
+    pytest.fail("cublas_v2.h not found: `python3 -m pip install nvidia-cublas`")
+
+
+def run(cmd: list, timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def tree() -> Path:
+    proc = run([sys.executable, ROOT / "ggml_patch" / "prepare.py", "--dest", TREE])
+    assert proc.returncode == 0, proc.stderr
+    return LLAMA
+
+
+@pytest.fixture(scope="module")
+def compile_commands(tree) -> dict[str, list[str]]:
+    """nvcc command lines of the real -DGGML_CUDA=ON build, from CMake's compile_commands.json.
+
+    A machine without a GPU driver has no libcuda for the CUDA::cuda_driver link target, so CMake's generate step
+    reports an error after it has written compile_commands.json; only compiling is asked of this machine."""
+    nvcc()
+    build = OUT / "configure"
+    shutil.rmtree(build, ignore_errors=True)
+    proc = run(["cmake", "-S", tree, "-B", build, "-G", "Ninja", "-DGGML_CUDA=ON", "-DGGML_NATIVE=OFF",
+                "-DCMAKE_EXPORT_COMPILE_COMMANDS=ON", f"-DCMAKE_CUDA_COMPILER={nvcc()}",
+                "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_TOOLS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
+                "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF"])
+    log = proc.stdout + proc.stderr
+    db = build / "compile_commands.json"
+    if "-- Configuring done" not in log or not db.is_file():
+        pytest.fail(f"CMake could not configure the CUDA build:\n{log[-4000:]}")
+    assert "FlashAttention K-V type combinations:" in log and "nsq4-nsq4" in log.split(
+        "FlashAttention K-V type combinations:")[1].splitlines()[0], "nsq4-nsq4 is not in the default FA set"
+    cuda_dir = tree / "ggml" / "src" / "ggml-cuda"
+    commands = {}
+    for entry in json.loads(db.read_text()):
+        f = Path(entry["file"])
+        if f.is_relative_to(cuda_dir):
+            commands[f.relative_to(cuda_dir).as_posix()] = shlex.split(entry["command"])
+    return commands
+
+
+def nvcc_command(base: list[str], arch: str, obj: Path, include: Path) -> list[str]:
+    """The build's command for one unit, for one real architecture instead of the build's list."""
+    cmd, skip = [], False
+    for arg in base:
+        if skip:
+            skip = False
+            continue
+        if arg == "-o":
+            skip = True
+            continue
+        if arg.startswith("--generate-code") or arg.startswith("-gencode"):
+            continue
+        cmd.append(arg)
+    # -c SOURCE stays last
+    return [*cmd[:-2], f"--generate-code=arch=compute_{arch},code=sm_{arch}", "-isystem", str(include),
+            "-o", str(obj), *cmd[-2:]]
+
+
+def own_warnings(output: str, tree: Path) -> list[str]:
+    """Warnings in ggml's sources; the CUDA toolkit's own headers warn under ggml's -Wextra and are not ours."""
+    return [ln for ln in output.splitlines() if "warning" in ln.lower() and str(tree) in ln]
+
+
+def test_cuda_units_compile(tree, compile_commands):
+    missing = [u for u in UNITS if u not in compile_commands]
+    assert not missing, f"not part of the CUDA build: {missing}"
+    include = cublas_include()
+    objdir = OUT / "obj"
+    objdir.mkdir(parents=True, exist_ok=True)
+
+    def build(job: tuple[str, str]) -> tuple[str, str, float, subprocess.CompletedProcess]:
+        unit, arch = job
+        obj = objdir / f"{unit.replace('/', '_')}.sm_{arch}.o"
+        t0 = time.monotonic()
+        proc = run(nvcc_command(compile_commands[unit], arch, obj, include))
+        return unit, arch, time.monotonic() - t0, proc
+
+    jobs = [(u, a) for u in UNITS for a in ARCHS]
+    t0 = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        results = list(pool.map(build, jobs))
+    total = time.monotonic() - t0
+
+    report = [f"{unit:55s} sm_{arch}  {secs:6.1f} s" for unit, arch, secs, _ in results]
+    report.append(f"{'total (wall, ' + str(os.cpu_count()) + ' parallel)':55s}        {total:6.1f} s")
+    (OUT / "timings.txt").write_text("\n".join(report) + "\n")
+    print("\n" + "\n".join(report))
+
+    failed = [f"{unit} sm_{arch}:\n{proc.stderr[-3000:]}" for unit, arch, _, proc in results if proc.returncode]
+    assert not failed, "\n\n".join(failed)
+    warned = {f"{unit} sm_{arch}": own_warnings(proc.stdout + proc.stderr, tree) for unit, arch, _, proc in results}
+    warned = {k: v for k, v in warned.items() if v}
+    assert not warned, json.dumps(warned, indent=1)[:4000]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the quantizer of the CUDA kernels, run on the host
+
+
+@pytest.fixture(scope="module")
+def nsq4_host(tree) -> Path:
+    exe = OUT / "nsq4_host"
+    exe.parent.mkdir(parents=True, exist_ok=True)
+    proc = run([nvcc(), "-std=c++17", "-O2", "-x", "cu", "-I", tree / "ggml" / "src", "-I", tree / "ggml" / "include",
+                ROOT / "tests" / "cuda" / "nsq4_host.cu", "-o", exe])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return exe
+
+
+def host_quantize(exe: Path, x: np.ndarray, tmp_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    src, blocks, values = tmp_path / "x.f32", tmp_path / "blocks.bin", tmp_path / "values.f32"
+    np.ascontiguousarray(x, dtype=np.float32).tofile(src)
+    proc = run([exe, src, blocks, values])
+    assert proc.returncode == 0, proc.stderr
+    return np.fromfile(blocks, dtype=np.uint8), np.fromfile(values, dtype=np.float32)
+
+
+def adversarial_blocks() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(6)
+    n = reference.QK
+    blocks = {
+        "zeros": np.zeros(n),
+        "negative zeros": np.full(n, -0.0),
+        "tiny 1e-30": np.full(n, 1e-30),
+        "just below 2^-24": np.full(n, np.nextafter(np.float32(2.0**-24), np.float32(0))),
+        "exactly 2^-24": np.full(n, 2.0**-24),
+        "subnormals": rng.choice([-1, 1], n) * np.float32(1e-40),
+        "huge 3e38": rng.uniform(-3e38, 3e38, n),
+        "max float": np.full(n, np.finfo(np.float32).max),
+        "near fp16 max": rng.uniform(6e4, 65504.0, n) * rng.choice([-1, 1], n),
+        "d saturates": np.full(n, 1e9),
+        "constant": np.full(n, 0.75),
+        "one value": np.eye(1, n, 17)[0] * 3.5,
+        "one huge channel": np.concatenate([[1e4], rng.standard_normal(n - 1) * 1e-3]),
+        "one huge negative channel": np.concatenate([rng.standard_normal(n - 1), [-5e5]]),
+        "subnormal with normal": np.concatenate([[1.0], np.full(n - 1, 1e-40)]),
+        "rint ties": np.concatenate([[2047.0], np.arange(n - 1) - 31.5]),
+        "integer grid": np.concatenate([[2047.0], rng.integers(-2047, 2048, n - 1)]),
+        "alternating": np.tile([1.0, -1.0], n // 2),
+        "NaN": np.where(np.arange(n) == 5, np.nan, 1.0),
+        "+Inf": np.where(np.arange(n) == 63, np.inf, 1.0),
+        "-Inf": np.where(np.arange(n) == 0, -np.inf, 1.0),
+        "NaN and huge": np.where(np.arange(n) == 9, np.nan, 3e38),
+    }
+    # every threshold 16*xg == (kv[m] + kv[m+1])*S that the integer grid can hit exactly (ties go to the lower code)
+    mids = reference.KVALUES[:-1] + reference.KVALUES[1:]
+    ties = sorted({int(m * s) // 16 for m in mids for s in reference.KSCALES if (m * s) % 16 == 0
+                   and abs(m * s) // 16 <= 2047})
+    ties = np.array(ties, dtype=np.float64)
+    for i in range(0, len(ties), n - 1):
+        chunk = ties[i:i + n - 1]
+        blocks[f"code thresholds {i}"] = np.concatenate([[2047.0], chunk, np.zeros(n - 1 - len(chunk))])
+    return {k: np.asarray(v, dtype=np.float32) for k, v in blocks.items()}
+
+
+def random_blocks(nb: int) -> np.ndarray:
+    rng = np.random.default_rng(2026)
+    scale = 10.0 ** rng.uniform(-8, 8, (nb, 1))
+    normal = rng.standard_normal((nb // 2, reference.QK))
+    heavy = rng.standard_t(2, (nb - nb // 2, reference.QK))
+    x = np.concatenate([normal, heavy]) * scale
+    outlier = rng.integers(0, reference.QK, nb)
+    x[np.arange(nb)[::7], outlier[::7]] *= 100  # a KV cache has outlier channels
+    return x.astype(np.float32)
+
+
+def check_bit_exact(exe: Path, x: np.ndarray, names: list[str], tmp_path: Path) -> None:
+    blocks, values = host_quantize(exe, x, tmp_path)
+    want = reference.quantize(x).reshape(-1, reference.BLOCK_BYTES)
+    got = blocks.reshape(-1, reference.BLOCK_BYTES)
+    bad = np.flatnonzero((got != want).any(axis=1))
+    assert not len(bad), "blocks differ from nsq_local.reference: " + ", ".join(
+        f"{names[i]} (d {got[i, :2].view('<f2')[0]} vs {want[i, :2].view('<f2')[0]})" for i in bad[:8])
+    want_values = reference.dequantize(want.reshape(-1)).reshape(-1, reference.QK)
+    got_values = values.reshape(-1, reference.QK)
+    bad = np.flatnonzero((got_values.view(np.uint32) != want_values.view(np.uint32)).any(axis=1))
+    assert not len(bad), "dequantized values differ: " + ", ".join(names[i] for i in bad[:8])
+
+
+def test_nsq4_cuda_quantizer_adversarial(nsq4_host, tmp_path):
+    cases = adversarial_blocks()
+    check_bit_exact(nsq4_host, np.stack(list(cases.values())), list(cases), tmp_path)
+
+
+def test_nsq4_cuda_quantizer_random(nsq4_host, tmp_path):
+    x = random_blocks(100000)
+    check_bit_exact(nsq4_host, x, [f"random block {i}" for i in range(len(x))], tmp_path)
+
+
+def test_nsq4_special_blocks_are_zero(nsq4_host, tmp_path):
+    """The properties the adversarial cases are about, stated directly (not only 'same as the reference')."""
+    cases = adversarial_blocks()
+    x = np.stack(list(cases.values()))
+    blocks, values = host_quantize(nsq4_host, x, tmp_path)
+    blocks = blocks.reshape(-1, reference.BLOCK_BYTES)
+    d = blocks[:, :2].copy().view("<f2")[:, 0]
+    names = list(cases)
+    assert np.isfinite(values).all()
+    for name in ("zeros", "tiny 1e-30", "just below 2^-24", "subnormals", "NaN", "+Inf", "-Inf", "NaN and huge"):
+        i = names.index(name)
+        assert d[i] == 0 and (blocks[i, 2:] == 0x88).all(), name
+    for name in ("d saturates", "max float", "huge 3e38"):
+        assert d[names.index(name)] == np.float16(65504.0), name
