@@ -41,7 +41,6 @@ class KVCacheSize:
 
 @dataclass
 class _LogTap:
-    verbose: bool
     size: KVCacheSize = field(default_factory=KVCacheSize)
 
     def __call__(self, level: int, text: bytes, user_data: Any) -> None:
@@ -52,10 +51,10 @@ class _LogTap:
             self.size.k_mib += float(m.group(2))
             self.size.v_mib += float(m.group(4))
             self.size.caches += 1
-        if self.verbose:
-            from llama_cpp import _logger
+        from llama_cpp import _logger
 
-            _logger.llama_log_callback(level, text, user_data)
+        # llama_cpp's own callback prints when verbose and keeps the error that a failing call is explained by
+        _logger.llama_log_callback(level, text, user_data)
 
 
 def open_llama(verbose: bool = False, **kwargs: Any):
@@ -63,7 +62,7 @@ def open_llama(verbose: bool = False, **kwargs: Any):
     import llama_cpp
     from llama_cpp import _logger
 
-    tap = _LogTap(verbose)
+    tap = _LogTap()
     callback = llama_cpp.llama_log_callback(tap)
     llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
     try:

@@ -40,3 +40,17 @@ def wikitext() -> Path:
     if not p.is_file():
         pytest.fail(f"{p} is missing: set NSQ_WIKITEXT to WikiText-2's test split")
     return p
+
+
+@pytest.fixture(scope="session")
+def upstream_tree() -> Path:
+    """The patched upstream tree (prepared by tests/run.sh; preparing again is a no-op when it is up to date)."""
+    import subprocess
+    import sys
+
+    dest = ROOT / "build" / "upstream"
+    proc = subprocess.run([sys.executable, str(ROOT / "ggml_patch" / "prepare.py"), "--dest", str(dest)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.fail(f"preparing the patched tree failed:\n{proc.stderr}")
+    return dest

@@ -48,3 +48,29 @@ def test_explicit_flash_attn_off_with_quantized_v_is_refused(smollm2):
 def test_f16_cache_keeps_flash_attention_off_by_default(smollm2):
     llm = llama_cpp.Llama(model_path=str(smollm2), n_ctx=128, type_k="f16", verbose=False)
     assert llm.context_params.flash_attn_type == llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+
+
+@pytest.fixture(scope="module")
+def head80(upstream_tree, tmp_path_factory):
+    from tiny_gguf import write_tiny_llama
+
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny") / "head80.gguf",
+                            upstream_tree / "vendor" / "llama.cpp" / "gguf-py", head_size=80)
+
+
+@pytest.mark.parametrize(("type_k", "type_v", "which"), [("nsq4", "f16", "K"), ("f16", "nsq4", "V")])
+def test_head_size_nsq4_cannot_divide_names_the_types_that_fit(head80, type_k, type_v, which):
+    with pytest.raises(ValueError) as e:
+        llama_cpp.Llama(model_path=str(head80), type_k=type_k, type_v=type_v, flash_attn=True, verbose=False)
+    assert str(e.value) == (
+        f"Failed to create llama_context: {which} cache type nsq4 stores blocks of 64 values, which do not divide "
+        f"the head size n_embd_head_{which.lower()}=80 of layer 0; use one of: f16, bf16")
+
+
+def test_head_size_80_works_with_a_type_that_fits(head80):
+    import numpy as np
+
+    llm = llama_cpp.Llama(model_path=str(head80), type_k="bf16", type_v="f16", verbose=False)
+    llm.eval(llm.tokenize(b"ab"))
+    logits = llm.scores[llm.n_tokens - 1]
+    assert np.isfinite(logits).all() and logits.std() > 0
