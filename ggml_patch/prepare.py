@@ -5,12 +5,14 @@
     python ggml_patch/prepare.py --dest DIR --sdist PATH.tar.gz   # offline, from an sdist you downloaded
     NSQ_UPSTREAM_SDIST=PATH.tar.gz pip install .                  # offline, through the wheel build
 
-Idempotent: a tree already prepared from the same sdist and patches is left alone (it is not re-unpacked, so
-incremental builds stay incremental); any change to UPSTREAM, series or a patch re-creates it from scratch.
+Idempotent: a tree already prepared from the same sdist and patches is left alone. After a change to UPSTREAM,
+series or a patch, the tree is prepared afresh and only the files that differ are written into it, so builds of it
+stay incremental.
 """
 from __future__ import annotations
 
 import argparse
+import filecmp
 import hashlib
 import os
 import shutil
@@ -103,6 +105,22 @@ def commit(root: Path, message: str) -> None:
         raise PrepareError(f"git commit failed in {root}: {proc.stderr.strip()}")
 
 
+def sync(new: Path, dest: Path) -> None:
+    """Make dest's sources equal to new's, touching only files that differ, so builds stay incremental."""
+    skip = {".git", STAMP}
+    new_files = {p.relative_to(new) for p in new.rglob("*") if p.is_file() and p.relative_to(new).parts[0] not in skip}
+    for rel in sorted(new_files):
+        src, dst = new / rel, dest / rel
+        if not dst.is_file() or not filecmp.cmp(src, dst, shallow=False):
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst)
+    for p in dest.rglob("*"):
+        rel = p.relative_to(dest)
+        # llama-cpp-python's CMakeLists installs the built libraries into llama_cpp/lib of the source tree
+        if p.is_file() and rel not in new_files and rel.parts[0] not in skip and rel.parts[:2] != ("llama_cpp", "lib"):
+            p.unlink()
+
+
 def prepare(dest: Path, explicit_sdist: str | None, cache: Path, commits: bool = False) -> Path:
     pin = read_pin()
     patches = read_series()
@@ -137,10 +155,13 @@ def prepare(dest: Path, explicit_sdist: str | None, cache: Path, commits: bool =
             if commits:
                 commit(root, patch.name)
         (root / ".git" / "info" / "exclude").write_text(STAMP + "\n")
-        (root / STAMP).write_text(stamp + "\n")
-        if dest.exists():
-            shutil.rmtree(dest)
-        root.rename(dest)
+        if dest.is_dir() and (dest / STAMP).is_file() and not commits:
+            sync(root, dest)
+        else:
+            if dest.exists():
+                shutil.rmtree(dest)
+            root.rename(dest)
+        (dest / STAMP).write_text(stamp + "\n")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"nsq-local: prepared {pin['package']} {pin['version']} + {len(patches)} patches in {dest}", file=sys.stderr)

@@ -81,3 +81,19 @@ def test_patches_are_small_context_git_diffs():
         text = name.read_text()
         assert text.startswith("diff --git a/"), name
         assert "pythonhosted" not in text and "pypi.org" not in text
+
+
+def test_changed_inputs_rewrite_only_files_that_differ(sdist, tmp_path):
+    dest = tmp_path / "tree"
+    assert prepare(PATCH_DIR, "--dest", dest, "--sdist", sdist).returncode == 0
+    untouched = dest / "vendor/llama.cpp/src/llama.cpp"
+    patched = dest / "vendor/llama.cpp/ggml/include/ggml.h"
+    os.utime(untouched, (0, 0))
+    patched.write_text("edited by hand")
+    (dest / "stray.txt").write_text("not in the sdist")
+    (dest / ".nsq-prepared").write_text("inputs of an older series\n")  # as if a patch had changed
+    proc = prepare(PATCH_DIR, "--dest", dest, "--sdist", sdist)
+    assert proc.returncode == 0, proc.stderr
+    assert untouched.stat().st_mtime == 0, "an unchanged file must keep its time stamp (incremental builds)"
+    assert "GGML_TYPE_NSQ4" in patched.read_text()
+    assert not (dest / "stray.txt").exists()
