@@ -1,7 +1,7 @@
 """nsq-chat, driven as a person would: a real terminal session on SmolLM2 with an NSQ4 cache."""
 from __future__ import annotations
 
-import re
+import contextlib
 import shutil
 import subprocess
 import sys
@@ -20,6 +20,18 @@ def nsq_chat() -> str:
     return exe
 
 
+@contextlib.contextmanager
+def session(exe: str, *args: str):
+    """A terminal session of nsq-chat; the test ends it (Ctrl-D or /exit), and it must then exit with 0."""
+    child = pexpect.spawn(exe, list(args), encoding="utf-8", timeout=180)
+    try:
+        yield child
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+
+
 def stats(child: pexpect.spawn) -> dict[str, int]:
     child.sendline("/stats")
     child.expect(r"tokens in context: (\d+) of (\d+)")
@@ -33,8 +45,7 @@ def stats(child: pexpect.spawn) -> dict[str, int]:
 
 
 def test_two_turns_stats_reset_and_exit(nsq_chat):
-    child = pexpect.spawn(nsq_chat, ARGS, encoding="utf-8", timeout=180)
-    try:
+    with session(nsq_chat, *ARGS) as child:
         child.expect(r"cache K nsq4 / V nsq4, KV cache ([0-9.]+) MiB \((\d+)% less than f16's ([0-9.]+) MiB\)")
         assert int(child.match.group(2)) > 70  # 4.25 of 16 bits
         child.expect_exact("> ")
@@ -57,18 +68,11 @@ def test_two_turns_stats_reset_and_exit(nsq_chat):
         child.expect_exact("[conversation reset]")
         child.expect_exact("> ")
         assert stats(child)["in_context"] == 0
-
         child.sendeof()
-        child.expect(pexpect.EOF)
-    finally:
-        child.close()
-    assert child.exitstatus == 0
 
 
 def test_ctrl_c_stops_the_answer_not_the_program(nsq_chat):
-    child = pexpect.spawn(nsq_chat, ["--temp", "0", "-n", "400", "-c", "1024", "-t", "2"], encoding="utf-8",
-                          timeout=180)
-    try:
+    with session(nsq_chat, "--temp", "0", "-n", "400", "-c", "1024", "-t", "2") as child:
         child.expect_exact("> ")
         child.sendline("Write a long story about a dragon.")
         child.expect(r"\w+ \w+ \w+")  # the answer is streaming
@@ -80,16 +84,10 @@ def test_ctrl_c_stops_the_answer_not_the_program(nsq_chat):
         assert 0 < int(child.match.group(1)) < 400
         child.expect_exact("> ")
         child.sendline("/exit")
-        child.expect(pexpect.EOF)
-    finally:
-        child.close()
-    assert child.exitstatus == 0
 
 
 def test_full_context_offers_reset(nsq_chat):
-    child = pexpect.spawn(nsq_chat, ["--temp", "0", "-n", "200", "-c", "128", "-t", "2"], encoding="utf-8",
-                          timeout=180)
-    try:
+    with session(nsq_chat, "--temp", "0", "-n", "200", "-c", "128", "-t", "2") as child:
         child.expect_exact("> ")
         for _ in range(4):  # a 128-token context holds fewer than four such turns
             child.sendline("Tell me about the history of Paris in detail.")
@@ -104,10 +102,6 @@ def test_full_context_offers_reset(nsq_chat):
         child.expect("Paris")
         child.expect_exact("> ")
         child.sendeof()
-        child.expect(pexpect.EOF)
-    finally:
-        child.close()
-    assert child.exitstatus == 0
 
 
 def test_prompt_mode_prints_the_answer(nsq_chat):
