@@ -23,7 +23,7 @@ def nsq_chat() -> str:
 @contextlib.contextmanager
 def session(exe: str, *args: str):
     """A terminal session of nsq-chat; the test ends it (Ctrl-D or /exit), and it must then exit with 0."""
-    child = pexpect.spawn(exe, list(args), encoding="utf-8", timeout=180)
+    child = pexpect.spawn(exe, list(args), encoding="utf-8", timeout=300)
     try:
         yield child
         child.expect(pexpect.EOF)
@@ -91,7 +91,8 @@ def test_full_context_offers_reset(nsq_chat):
         child.expect_exact("> ")
         for _ in range(4):  # a 128-token context holds fewer than four such turns
             child.sendline("Tell me about the history of Paris in detail.")
-            if child.expect([r"\[the context is full.*?/reset to start a new conversation\]", "> "]) == 0:
+            # the prompt at the start of a line, not a "> " inside the answer
+            if child.expect([r"\[the context is full.*?/reset to start a new conversation\]", "\n> "]) == 0:
                 break
         else:
             pytest.fail("the context never filled up")
