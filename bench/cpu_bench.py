@@ -45,6 +45,8 @@ def test_name(r: dict) -> str:
 
 
 def table(results: list[dict], quant: dict[str, float]) -> str:
+    # llama-bench runs every (type_k, type_v) pair of the lists; the table shows the matched ones
+    results = [r for r in results if r["type_k"] == r["type_v"]]
     types = list(dict.fromkeys(r["type_k"] for r in results))
     ts = {(test_name(r), r["n_depth"], r["type_k"]): r["avg_ts"] for r in results}
     rows = ["| test | depth | " + " | ".join(f"{t} t/s" for t in types) + " | nsq4/q4_0 | nsq4/f16 |",
