@@ -2,6 +2,9 @@
 at depth 0 and a deep context, plus from_float (set_rows) throughput of nsq4 and q4_0.
 
     python3 bench/cpu_bench.py --bin build/tools/bin --tree build/upstream [--model M.gguf] [--json out.json]
+
+One llama-bench invocation runs every (type_k, type_v) pair of --types (16 for the default four), each at every
+depth: at depth 4096 on 2 threads that is well over 20 minutes; --reps 1 or fewer --types shorten it.
 """
 from __future__ import annotations
 
