@@ -1,0 +1,108 @@
+// Runs the CPU backend's NSQ4 kernels (the SIMD ones where the build has them) on data from Python, so that
+// tests/test_simd.py can compare them with nsq_local/reference.py on every architecture it can run.
+//
+//   nsq4_check X.f32 Y.f32 K OUT_PREFIX   quantize X (nsq4) and Y (q8_0) with from_float and take the dot product
+//                                         of every K-value row: writes OUT_PREFIX.nsq4, .q8_0 and .dot (float32)
+//   nsq4_check --bench TYPE N REPS        from_float throughput of TYPE over N float32 values, in GB/s of input
+#define _POSIX_C_SOURCE 199309L // clock_gettime
+#include "ggml.h"
+#include "ggml-cpu.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+static void * read_file(const char * path, size_t * size) {
+    FILE * f = fopen(path, "rb");
+    if (!f) { perror(path); exit(1); }
+    fseek(f, 0, SEEK_END);
+    *size = (size_t) ftell(f);
+    fseek(f, 0, SEEK_SET);
+    void * data = malloc(*size);
+    if (fread(data, 1, *size, f) != *size) { perror(path); exit(1); }
+    fclose(f);
+    return data;
+}
+
+static void write_file(const char * prefix, const char * ext, const void * data, size_t size) {
+    char path[4096];
+    snprintf(path, sizeof(path), "%s.%s", prefix, ext);
+    FILE * f = fopen(path, "wb");
+    if (!f || fwrite(data, 1, size, f) != size) { perror(path); exit(1); }
+    fclose(f);
+}
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + 1e-9*ts.tv_nsec;
+}
+
+static int bench(const char * type_name, int64_t n, int reps) {
+    enum ggml_type type = GGML_TYPE_COUNT;
+    for (int t = 0; t < GGML_TYPE_COUNT; ++t) {
+        const char * name = ggml_type_name((enum ggml_type) t);
+        if (name && strcmp(name, type_name) == 0) { type = (enum ggml_type) t; }
+    }
+    if (type == GGML_TYPE_COUNT || !ggml_get_type_traits_cpu(type)->from_float) {
+        fprintf(stderr, "no CPU from_float for type %s\n", type_name);
+        return 1;
+    }
+    float * x = malloc(n*sizeof(float));
+    void  * q = malloc(ggml_row_size(type, n));
+    srand(1);
+    for (int64_t i = 0; i < n; ++i) {
+        x[i] = (float) rand() / RAND_MAX - 0.5f;
+    }
+    ggml_from_float_t from_float = ggml_get_type_traits_cpu(type)->from_float;
+    from_float(x, q, n); // warm-up
+    double best = 1e30;
+    for (int r = 0; r < reps; ++r) {
+        const double t0 = now_s();
+        from_float(x, q, n);
+        const double dt = now_s() - t0;
+        best = dt < best ? dt : best;
+    }
+    printf("%s %.4f\n", type_name, n*sizeof(float)/best/1e9);
+    free(x);
+    free(q);
+    return 0;
+}
+
+int main(int argc, char ** argv) {
+    ggml_cpu_init();
+    if (argc == 5 && strcmp(argv[1], "--bench") == 0) {
+        return bench(argv[2], atoll(argv[3]), atoi(argv[4]));
+    }
+    if (argc != 5) {
+        fprintf(stderr, "usage: %s X.f32 Y.f32 K OUT_PREFIX | --bench TYPE N REPS\n", argv[0]);
+        return 2;
+    }
+    size_t nx, ny;
+    float * x = read_file(argv[1], &nx);
+    float * y = read_file(argv[2], &ny);
+    const int64_t k = atoll(argv[3]);
+    const int64_t n = nx / sizeof(float);
+    if (nx != ny || k <= 0 || k % 64 != 0 || n % k != 0) {
+        fprintf(stderr, "X and Y must hold the same number of float32 values, rows of K (a multiple of 64)\n");
+        return 2;
+    }
+    const int64_t nrows = n / k;
+    const struct ggml_type_traits_cpu * nsq4 = ggml_get_type_traits_cpu(GGML_TYPE_NSQ4);
+    const struct ggml_type_traits_cpu * q8_0 = ggml_get_type_traits_cpu(nsq4->vec_dot_type);
+    const size_t xrow = ggml_row_size(GGML_TYPE_NSQ4, k);
+    const size_t yrow = ggml_row_size(nsq4->vec_dot_type, k);
+    char  * qx  = malloc(nrows*xrow);
+    char  * qy  = malloc(nrows*yrow);
+    float * dot = malloc(nrows*sizeof(float));
+    for (int64_t r = 0; r < nrows; ++r) {
+        nsq4->from_float(x + r*k, qx + r*xrow, k);
+        q8_0->from_float(y + r*k, qy + r*yrow, k);
+        nsq4->vec_dot((int) k, &dot[r], 0, qx + r*xrow, 0, qy + r*yrow, 0, 1);
+    }
+    write_file(argv[4], "nsq4", qx, nrows*xrow);
+    write_file(argv[4], "q8_0", qy, nrows*yrow);
+    write_file(argv[4], "dot", dot, nrows*sizeof(float));
+    return 0;
+}
