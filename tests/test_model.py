@@ -70,7 +70,8 @@ def test_head_size_nsq4_cannot_divide_names_the_types_that_fit(head80, type_k, t
 def test_head_size_80_works_with_a_type_that_fits(head80):
     import numpy as np
 
-    llm = llama_cpp.Llama(model_path=str(head80), type_k="bf16", type_v="f16", verbose=False)
+    # logits_all: without it llama_cpp does not copy logits into `scores` (which starts uninitialised)
+    llm = llama_cpp.Llama(model_path=str(head80), type_k="bf16", type_v="f16", logits_all=True, verbose=False)
     llm.eval(llm.tokenize(b"ab"))
     logits = llm.scores[llm.n_tokens - 1]
     assert np.isfinite(logits).all() and logits.std() > 0
