@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("-ctv", "--cache-type-v", metavar="TYPE", help="cache type of V (overrides --cache-type)")
     ap.add_argument("-fa", "--flash-attn", choices=["on", "off", "auto"], default="auto",
                     help="flash attention (default: auto = on when the V cache is quantized, which requires it)")
+    ap.add_argument("--nsq-calib", metavar="FILE|none",
+                    help="K-mean calibration of an nsq4 K cache (from nsq-calibrate); default: made once per model from "
+                         "Python's documentation and kept in ~/.cache/nsq-local; none: no centering")
     ap.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: llama.cpp's choice)")
     ap.add_argument("-n", "--n-predict", type=int, default=512, help="most tokens per answer (default: 512)")
     ap.add_argument("--temp", type=float, default=0.7, help="sampling temperature, 0 = greedy (default: 0.7)")
@@ -91,7 +94,8 @@ class Chat:
     def banner(self, model: Path) -> str:
         saving = 100 * (1 - self.kv.mib / self.kv.f16_mib)
         return (f"nsq-chat: {model.name}, context {self.llm.n_ctx()}, cache K {self.kv.type_k} / V {self.kv.type_v}, "
-                f"KV cache {self.kv.mib:.1f} MiB ({saving:.0f}% less than f16's {self.kv.f16_mib:.1f} MiB)")
+                f"KV cache {self.kv.mib:.1f} MiB ({saving:.0f}% less than f16's {self.kv.f16_mib:.1f} MiB)"
+                + (f", K centered ({Path(self.llm.nsq_calib).name})" if self.llm.nsq_calib else ""))
 
     def answer(self, text: str) -> bool:
         """Stream an answer to `text`; False when the context is full."""
@@ -181,11 +185,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except FileNotFoundError as e:  # ModelNotInstalled included
         return fail(str(e))
 
+    calib = None
+    if args.nsq_calib is not None and args.nsq_calib != "none":
+        if type_k != "nsq4":
+            return fail(f"--nsq-calib calibrates an nsq4 K cache, but the K cache type is {type_k}")
+        calib = Path(args.nsq_calib)
+        if not calib.is_file():
+            return fail(f"calibration file not found: {calib} (make one with `nsq-calibrate -m MODEL`)")
+    elif args.nsq_calib is None and type_k == "nsq4":
+        from nsq_local import calibrate
+
+        calib = calibrate.cached(model)
+
     try:
         llm, kv = open_llama(
             verbose=args.verbose, model_path=str(model), n_ctx=args.ctx_size, type_k=type_k, type_v=type_v,
             flash_attn={"on": True, "off": False, "auto": None}[args.flash_attn], n_threads=args.threads,
-            seed=args.seed if args.seed >= 0 else 0xFFFFFFFF,
+            seed=args.seed if args.seed >= 0 else 0xFFFFFFFF, nsq_calib=calib,
         )
     except ValueError as e:
         return fail(str(e))

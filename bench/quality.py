@@ -1,0 +1,154 @@
+#!/usr/bin/env python3
+"""KV-cache quality table: llama-perplexity's PPL and KL divergence vs an f16 cache, per cache type, with upstream's
+Hadamard rotation on and off, for SmolLM2-135M and Gemma 3 270M.
+
+    python3 bench/quality.py --bin build/tools/bin --out docs/quality
+
+Each row is one `llama-perplexity -c C --chunks N -fa on -ctk T -ctv T --kl-divergence` run against the f16 run's
+logits (`--kl-divergence-base`), so every type is scored on the same tokens. "nsq4+calib" runs nsq4 with the K means
+of `nsq-calibrate` (LLAMA_NSQ_CALIB); the calibration text is given by --calib-text (default: Python's standard-library
+documentation, what nsq-chat uses) — never the evaluated windows. Logs are kept in --work; a run whose log is
+complete is not repeated (delete it to re-run). Writes OUT.json and OUT.md. Rotation does not apply to f16, which
+is listed once.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from nsq_local import models  # noqa: E402
+from nsq_local.kvcache import bits_per_value  # noqa: E402
+
+TYPES = ("f16", "q8_0", "q5_0", "q4_1", "iq4_nl", "q4_0", "nsq4", "nsq4+calib")
+PATTERNS = {
+    "ppl": re.compile(r"Mean PPL\(Q\)\s*:\s*([0-9.]+)\s*±\s*([0-9.]+)"),
+    "ppl_base": re.compile(r"Mean PPL\(base\)\s*:\s*([0-9.]+)"),
+    "kld": re.compile(r"Mean\s+KLD:\s*([0-9.]+)\s*±\s*([0-9.]+)"),
+    "kld99": re.compile(r"99\.0%\s+KLD:\s*([0-9.]+)"),
+    "top1": re.compile(r"Same top p:\s*([0-9.]+)\s*±\s*([0-9.]+)\s*%"),
+    "final": re.compile(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)"),
+}
+
+
+def run(cmd: list[str], env: dict[str, str], log: Path) -> str:
+    if log.is_file() and ("Mean    KLD" in log.read_text() or "Final estimate" in log.read_text()):
+        return log.read_text()
+    log.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    with open(log, "w") as f:
+        f.write("# " + " ".join(cmd) + "\n")
+        f.flush()
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **env}).returncode
+    text = log.read_text()
+    if rc != 0:
+        raise SystemExit(f"failed ({rc}): {' '.join(cmd)}; see {log}")
+    print(f"  {log.name}: {time.time() - t0:.0f} s", file=sys.stderr)
+    return text
+
+
+def parse(text: str) -> dict[str, Optional[float]]:
+    out: dict[str, Optional[float]] = {}
+    for key, pat in PATTERNS.items():
+        m = pat.search(text)
+        out[key] = float(m.group(1)) if m else None
+        if m and m.lastindex and m.lastindex >= 2:
+            out[key + "_err"] = float(m.group(2))
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bin", type=Path, default=Path("build/tools/bin"), help="folder with llama-perplexity")
+    ap.add_argument("--out", type=Path, default=Path("docs/quality"), help="output prefix: writes OUT.json and OUT.md")
+    ap.add_argument("--work", type=Path, default=Path("build/quality"),
+                    help="logs, f16 logit files (400 MB per model) and calibrations (default build/quality)")
+    ap.add_argument("-f", "--file", type=Path, default=None, help="text (default: ../shared/data/wikitext-2-test.txt)")
+    ap.add_argument("--models", default="smollm2,gemma3", help="comma list of smollm2, gemma3")
+    ap.add_argument("--types", default=",".join(TYPES), help="comma list of cache types")
+    ap.add_argument("-c", "--ctx-size", type=int, default=2048)
+    ap.add_argument("--chunks", type=int, default=4)
+    ap.add_argument("-t", "--threads", type=int, default=2)
+    ap.add_argument("--rot", default="on,off", help="upstream's Hadamard rotation: on, off or on,off")
+    ap.add_argument("--calib-text", type=Path, default=None,
+                    help="calibration text for nsq4+calib (default: Python's standard-library docs)")
+    args = ap.parse_args()
+
+    text = args.file or Path(os.environ.get("NSQ_WIKITEXT", Path(__file__).resolve().parents[2] / "shared" / "data"
+                                            / "wikitext-2-test.txt"))
+    ppl_bin = args.bin / "llama-perplexity"
+    for p in (text, ppl_bin):
+        if not p.is_file():
+            raise SystemExit(f"not found: {p}")
+    logs = args.work
+    getters = {"smollm2": ("SmolLM2-135M-Instruct (Q4_1, head 64)", models.smollm2),
+               "gemma3": ("Gemma 3 270M (Q4_K_M, head 256, SWA)", models.gemma3_270m)}
+    rows = []
+    for key in args.models.split(","):
+        title, get = getters[key]
+        model = get()
+        base = logs / f"{key}-f16.kld"
+        common = [str(ppl_bin), "-m", str(model), "-f", str(text), "-c", str(args.ctx_size), "--chunks",
+                  str(args.chunks), "-fa", "on", "-t", str(args.threads)]
+        print(f"{title}:", file=sys.stderr)
+        f16 = parse(run(common + ["-ctk", "f16", "-ctv", "f16", "--kl-divergence-base", str(base)], {},
+                        logs / f"{key}-f16-base.log"))
+        calib = None
+        for rot in args.rot.split(","):
+            for t in args.types.split(","):
+                if t == "f16" and rot == "off":
+                    continue
+                env = {"LLAMA_ATTN_ROT_DISABLE": "1"} if rot == "off" else {}
+                ctype = t.split("+")[0]
+                if t.endswith("+calib"):
+                    if calib is None:
+                        from nsq_local import calibrate
+
+                        calib = logs / f"{key}.nsq.gguf"
+                        if not calib.is_file():
+                            calib_text = args.calib_text.read_text() if args.calib_text else None
+                            calibrate.calibrate(model, calib, calib_text,
+                                                args.calib_text.name if args.calib_text else "python-stdlib-docs")
+                    env["LLAMA_NSQ_CALIB"] = str(calib)
+                name = f"{key}-{t.replace('+', '-')}-rot{rot}"
+                r = parse(run(common + ["-ctk", ctype, "-ctv", ctype, "--kl-divergence-base", str(base),
+                                        "--kl-divergence"], env, logs / f"{name}.log"))
+                rows.append({"model": key, "type": t, "rotation": rot, "bits_per_value": bits_per_value(ctype),
+                             "ppl": r["ppl"], "ppl_err": r.get("ppl_err"), "ppl_f16": f16["final"],
+                             "dppl": None if r["ppl"] is None else r["ppl"] - f16["final"],
+                             "kld": r["kld"], "kld_err": r.get("kld_err"), "kld99": r["kld99"],
+                             "top1": r["top1"], "top1_err": r.get("top1_err")})
+                print(f"  {t:11s} rot {rot:3s}: KLD {r['kld']}", file=sys.stderr)
+
+    meta = {"command": " ".join(sys.argv), "ctx_size": args.ctx_size, "chunks": args.chunks, "text": str(text),
+            "flash_attn": True, "threads": args.threads}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    lines = [f"`{meta['command']}` (llama-perplexity -c {args.ctx_size} --chunks {args.chunks} -fa on, K and V both "
+             "the type, KLD vs the f16 cache on the same tokens)", ""]
+    for key in args.models.split(","):
+        lines += [f"### {getters[key][0]}", "",
+                  "| type | bits/value | rotation | PPL | ΔPPL | mean KLD | 99% KLD | same top token |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            if r["model"] != key:
+                continue
+            lines.append(f"| {r['type']} | {r['bits_per_value']:.2f} | {r['rotation']} | {r['ppl']:.4f} ± "
+                         f"{r['ppl_err']:.4f} | {r['dppl']:+.4f} | {r['kld']:.6f} ± {r['kld_err']:.6f} | "
+                         f"{r['kld99']:.4f} | {r['top1']:.3f} ± {r['top1_err']:.3f} % |")
+        lines.append("")
+    args.out.with_suffix(".md").write_text("\n".join(lines))
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
