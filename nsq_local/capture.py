@@ -303,14 +303,16 @@ class _Collector:
         self.ubatch = {}
 
 
-def capture_qkv(model_path: Union[str, Path], tokens: Sequence[int], n_ctx: Optional[int] = None,
-                n_threads: Optional[int] = None, n_ubatch: int = 512, flash_attn: bool = True,
-                verbose: bool = False) -> QKV:
+def capture_qkv(model_path: Union[str, Path], tokens: Sequence[int], n_ctx: Optional[int] = None, *,
+                type_k: str = "f32", type_v: str = "f32", rotation: bool = True, flash_attn: bool = True,
+                n_threads: Optional[int] = None, n_ubatch: int = 512, verbose: bool = False) -> QKV:
     """Q, K and V of every layer for `tokens` (positions 0..), as llama.cpp computes them for its cache.
 
-    K is post-RoPE and V as projected, both before upstream's Hadamard rotation (the context uses an f32 cache, which
-    upstream never rotates). Arrays are float32: q[il] (n_tokens, n_head, head_dim), k[il] and v[il]
-    (n_tokens, n_head_kv, head_dim). n_ctx defaults to len(tokens); the tokens are decoded n_ubatch at a time.
+    K is post-RoPE and V as projected, both before upstream's Hadamard rotation, which happens after them in the
+    graph. Arrays are float32: q[il] (n_tokens, n_head, head_dim), k[il] and v[il] (n_tokens, n_head_kv, head_dim).
+    The model runs with a cache of type_k/type_v (default f32: the model's own values at every layer; a lossy type
+    gives the values that model computes when its earlier layers read that cache). n_ctx defaults to len(tokens);
+    the tokens are decoded n_ubatch at a time, as llama_decode would split them.
     """
     tokens = [int(t) for t in tokens]
     if not tokens:
@@ -319,8 +321,8 @@ def capture_qkv(model_path: Union[str, Path], tokens: Sequence[int], n_ctx: Opti
     if n_ctx < len(tokens):
         raise ValueError(f"{len(tokens)} tokens do not fit a context of n_ctx={n_ctx}")
     collector = _Collector()
-    with Session(model_path, n_ctx=n_ctx, type_k="f32", type_v="f32", flash_attn=flash_attn, n_threads=n_threads,
-                 n_ubatch=n_ubatch, eval_callback=collector, verbose=verbose) as s:
+    with Session(model_path, n_ctx=n_ctx, type_k=type_k, type_v=type_v, flash_attn=flash_attn, n_threads=n_threads,
+                 n_ubatch=n_ubatch, rotation=rotation, eval_callback=collector, verbose=verbose) as s:
         for il in range(s.n_layer):
             for part, tag in (("q", "Qcur"), ("k", "Kcur"), ("v", "Vcur")):
                 collector.names[f"{tag}-{il}"] = (part, il)

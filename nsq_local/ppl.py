@@ -257,7 +257,7 @@ def cache_pairs(ctk: Optional[list[str]], ctv: Optional[list[str]]) -> list[tupl
     if not ctk and not ctv:
         raise UsageError("give the cache types to compare with the f16 baseline, e.g. -ctk nsq4 -ctv nsq4")
     if ctk and ctv and len(ctk) != len(ctv):
-        raise UsageError(f"-ctk is given {len(ctk)} times and -ctv {len(ctv)} times: give them in pairs "
+        raise UsageError(f"{len(ctk)} -ctk and {len(ctv)} -ctv given: give them in pairs "
                          "(-ctk A -ctv A -ctk B -ctv B), or only one of them (the other side is f16)")
     ctk = ctk or ["f16"] * len(ctv)
     ctv = ctv or ["f16"] * len(ctk)
