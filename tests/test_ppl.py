@@ -100,14 +100,8 @@ def test_nsq4_kld_without_rotation(no_rot_run):
     nsq4, q4_0 = no_rot_run["results"]
     print(f"no rotation, -c {C}: KLD nsq4 {nsq4['kld_mean']:.5f}, q4_0 {q4_0['kld_mean']:.5f}")
     assert nsq4["kld_mean"] > 0
-    # a regression bound, not the goal: nsq4 v1 measures 1.1-1.2x q4_0's KLD without rotation (test below)
-    assert nsq4["kld_mean"] < 2 * q4_0["kld_mean"]
-
-
-@pytest.mark.xfail(strict=True, reason="issue 4's target; nsq4 v1 does not reach it: without rotation its KLD is "
-                                       "above q4_0's (0.125 vs 0.113 at -c 256, 3 windows; 0.147 vs 0.133 at -c 2048)")
-def test_nsq4_kld_below_q4_0_without_rotation(no_rot_run):
-    nsq4, q4_0 = no_rot_run["results"]
+    # issue 4's check, at this test's setting (measured 0.152 vs 0.173). The order depends on the setting: at -c 256
+    # (3 windows) nsq4 measured 0.125 vs q4_0 0.113, at -c 2048 (4 windows) 0.147 vs 0.133
     assert nsq4["kld_mean"] < q4_0["kld_mean"]
 
 
