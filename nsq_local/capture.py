@@ -184,8 +184,8 @@ class Session:
             self.close()
             raise LlamaError(f"llama.cpp could not create a context (cache K {type_k}, V {type_v}):\n{_log_tail()}")
         self.n_ctx = llama_cpp.llama_n_ctx(self.ctx)
-        self.attn_rot = {m.group(1): m.group(2) == "1" for line in _log_lines[max(0, len(_log_lines) - (_log_count - start)):]
-                         for m in [_ROT_LINE.search(line)] if m}
+        created = _log_lines[max(0, len(_log_lines) - (_log_count - start)):]
+        self.attn_rot = {m.group(1): m.group(2) == "1" for line in created for m in [_ROT_LINE.search(line)] if m}
         self.memory = llama_cpp.llama_get_memory(self.ctx)
         self._batch = llama_cpp.llama_batch_init(self.n_ctx, 0, 1)
 
@@ -268,7 +268,8 @@ class Session:
 
 @dataclass
 class QKV:
-    """Per-layer Q, K, V of a token run: q[il] is (n_tokens, n_head, head_dim), k[il]/v[il] (n_tokens, n_head_kv, ...)."""
+    """Per-layer Q, K, V of a token run: q[il] (n_tokens, n_head, head_dim), k[il] and v[il] (n_tokens, n_head_kv,
+    head_dim), float32."""
 
     q: list[npt.NDArray[np.float32]]
     k: list[npt.NDArray[np.float32]]

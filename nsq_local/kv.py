@@ -245,7 +245,8 @@ def format_table(report: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="nsq-kv", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="nsq-kv", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-m", "--model", required=True, metavar="FILE", help="GGUF model file")
     ap.add_argument("-f", "--file", required=True, metavar="FILE", help="text file; its first -c tokens are used")
     ap.add_argument("-c", "--ctx-size", type=int, default=512, help="tokens to analyse (default: 512)")
@@ -276,7 +277,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise UsageError(f"-c {args.ctx_size}: analyse at least 2 tokens")
         pyplot()  # fail before the model runs, not after
         with capture.Session(model, n_ctx=64, verbose=args.verbose) as s:
-            tokens = s.tokenize(text.read_text(encoding="utf-8", errors="replace"))
+            # bytes, then decode: no newline translation, the text llama.cpp tools read
+            tokens = s.tokenize(text.read_bytes().decode("utf-8", errors="replace"))
         if len(tokens) < args.ctx_size:
             raise UsageError(f"the text has {len(tokens)} tokens, fewer than -c {args.ctx_size}")
         t0 = time.perf_counter()

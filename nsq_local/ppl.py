@@ -322,7 +322,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if bad:
                 raise UsageError(f"a quantized V cache ({bad[0]}) requires flash attention: use -fa on")
         with Session(model, n_ctx=64, verbose=args.verbose) as s:
-            tokens = s.tokenize(text.read_text(encoding="utf-8", errors="replace"))
+            # bytes, then decode: no newline translation, the text llama.cpp tools read
+            tokens = s.tokenize(text.read_bytes().decode("utf-8", errors="replace"))
             add_bos, bos, n_ctx_train = s.add_bos, s.bos, s.n_ctx_train
         runs = []
         for c in sweep or [args.ctx_size]:
