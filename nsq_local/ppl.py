@@ -239,6 +239,7 @@ def plot_sweep(runs: Sequence[dict], path: Path, title: str) -> None:
         mean = np.array([r["results"][i]["kld_mean"] for r in runs])
         se = np.array([r["results"][i]["kld_se"] for r in runs])
         ax2.errorbar(ctx, mean, yerr=np.nan_to_num(se), marker="o", capsize=3, label=label)
+    ax1.axhline(0, color="grey", lw=0.8)
     for ax, ylabel in ((ax1, "ΔPPL vs f16 cache"), (ax2, "mean KLD vs f16 cache (± SE)")):
         ax.set_xscale("log", base=2)
         ax.set_xticks(ctx, [str(c) for c in ctx])
@@ -352,7 +353,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out: dict = {**settings, **runs[0]} if not sweep else {**settings, "sweep_ctx": sweep, "runs": runs}
     if sweep:
         plot = Path(args.plot or "nsq-ppl-sweep.png")
-        plot_sweep(runs, plot, f"{model.name}: KV cache types vs an f16 cache, {runs[0]['chunks']} windows per "
+        n = runs[0]["chunks"]
+        plot_sweep(runs, plot, f"{model.name}: KV cache types vs an f16 cache, {n} window{'s' * (n > 1)} per "
                                f"length, rotation {'off' if args.no_rot else 'on'}")
         out["plot"] = str(plot)
         print(f"\nplot: {plot}")
