@@ -34,6 +34,7 @@ import numpy.typing as npt
 
 ROT_ENV = "LLAMA_ATTN_ROT_DISABLE"
 _STATE_MAGIC = 0xAF143CD8
+_GGML_LOG_ERROR = 4
 _ROT_LINE = re.compile(r"attn_rot_([kv]) = (\d)")
 
 
@@ -86,11 +87,18 @@ _log_callback = None
 
 
 def _install_log() -> None:
-    """Route llama.cpp's log into a buffer (to read the rotation flags and explain failures); echo when verbose."""
+    """Route llama.cpp's log into a buffer (to read the rotation flags and explain failures); echo when verbose.
+
+    Set again for every Session: other code (llama_cpp.Llama, kvcache.open_llama) installs its own callbacks. Errors
+    still reach llama_cpp's own callback, whose last error is what llama_cpp's exceptions quote.
+    """
     global _log_callback
-    if _log_callback is not None:
-        return
     import llama_cpp
+    from llama_cpp import _logger
+
+    if _log_callback is not None:
+        llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
+        return
 
     def on_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
         global _log_count
@@ -100,6 +108,8 @@ def _install_log() -> None:
         del _log_lines[:-2000]
         if _log_verbose:
             print(line, end="", file=sys.stderr)
+        elif level == _GGML_LOG_ERROR:
+            _logger.llama_log_callback(level, text, user_data)
 
     _log_callback = llama_cpp.llama_log_callback(on_log)
     llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
