@@ -347,7 +347,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                           "the second half, reading the stored prefix; tokens c/2+1..c-1 are scored against an "
                           "f16-cache baseline on the same windows"}
     for run in runs:
-        print(f"\n{model.name}: -c {run['n_ctx']} (prefix {run['prefix']} in pass 1), {run['chunks']} window{'s' * (run['chunks'] > 1)}, "
+        windows = f"{run['chunks']} window{'s' * (run['chunks'] > 1)}"
+        print(f"\n{model.name}: -c {run['n_ctx']} (prefix {run['prefix']} in pass 1), {windows}, "
               f"{run['tokens_scored']} tokens scored, flash attention {args.flash_attn}, rotation {rotation}")
         print(format_table(run))
     out: dict = {**settings, **runs[0]} if not sweep else {**settings, "sweep_ctx": sweep, "runs": runs}
