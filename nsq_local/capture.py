@@ -1,0 +1,417 @@
+"""Run a GGUF model through llama.cpp's low-level API and read what its attention really sees.
+
+`capture_qkv(model, tokens)` returns, per layer, Q and the K and V vectors exactly as llama.cpp computes them before
+they are stored in the KV cache (post-RoPE K, before upstream's Hadamard rotation of a quantized cache):
+
+    from nsq_local import capture, models
+    model = models.smollm2()
+    with capture.Session(model) as s:
+        tokens = s.tokenize(open("wiki.txt").read())[:512]
+    qkv = capture.capture_qkv(model, tokens)
+    qkv.k[0].shape            # (512, n_head_kv, head_dim), float32, layer 0
+
+It reads them through llama.cpp's eval callback (`cb_eval`): ggml names the graph's tensors "Qcur-<layer>",
+"Kcur-<layer>", "Vcur-<layer>"; a name given twice in a layer (K before and after RoPE) keeps the later tensor, the
+one that goes into the cache. `read_cache(session)` parses `llama_state_seq_get_data` to get what a cache holds
+(raw rows of its ggml type), which is how the tests show that the captured K/V are what the cache stores.
+
+`Session` is the small wrapper over `llama_batch`/`llama_decode` that nsq-ppl also uses: one model, one context, a
+given cache type, decoding token runs at given positions and returning their logits.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import struct
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
+
+import numpy as np
+import numpy.typing as npt
+
+ROT_ENV = "LLAMA_ATTN_ROT_DISABLE"
+_STATE_MAGIC = 0xAF143CD8
+_GGML_LOG_ERROR = 4
+_ROT_LINE = re.compile(r"attn_rot_([kv]) = (\d)")
+
+
+class LlamaError(RuntimeError):
+    pass
+
+
+class _TensorHead(ctypes.Structure):
+    # the leading, stable fields of ggml.h's struct ggml_tensor; the rest is read through ggml's functions
+    _fields_ = [("type", ctypes.c_int), ("buffer", ctypes.c_void_p),
+                ("ne", ctypes.c_int64 * 4), ("nb", ctypes.c_size_t * 4)]
+
+
+def _ggml() -> ctypes.CDLL:
+    from llama_cpp._ggml import libggml
+
+    if not getattr(libggml, "_nsq_typed", False):
+        libggml.ggml_get_name.restype = ctypes.c_char_p
+        libggml.ggml_get_name.argtypes = [ctypes.c_void_p]
+        libggml.ggml_nbytes.restype = ctypes.c_size_t
+        libggml.ggml_nbytes.argtypes = [ctypes.c_void_p]
+        libggml.ggml_backend_tensor_get.restype = None
+        libggml.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t,
+                                                    ctypes.c_size_t]
+        libggml._nsq_typed = True
+    return libggml
+
+
+def tensor_to_numpy(t: int) -> npt.NDArray[np.float32]:
+    """A computed f32/f16 ggml tensor (pointer) as a float32 array shaped (ne3, ne2, ne1, ne0); views included."""
+    import llama_cpp
+
+    lib = _ggml()
+    head = _TensorHead.from_address(t)
+    dtypes = {llama_cpp.GGML_TYPE_F32: np.float32, llama_cpp.GGML_TYPE_F16: np.float16}
+    if head.type not in dtypes:
+        raise LlamaError(f"tensor {lib.ggml_get_name(t).decode()} has ggml type {head.type}; only f32/f16 are read")
+    raw = np.empty(lib.ggml_nbytes(t), dtype=np.uint8)
+    lib.ggml_backend_tensor_get(t, raw.ctypes.data, 0, raw.size)
+    ne, nb = list(head.ne), list(head.nb)
+    # ggml_nbytes spans a strided view, so the strides index into `raw` directly
+    arr = np.lib.stride_tricks.as_strided(raw.view(dtypes[head.type]), shape=ne[::-1], strides=nb[::-1])
+    return arr.astype(np.float32)
+
+
+_log_lines: list[str] = []
+_log_count = 0  # lines ever logged; _log_lines keeps the last ones
+_log_verbose = False
+_log_callback = None
+
+
+def _install_log() -> None:
+    """Route llama.cpp's log into a buffer (to read the rotation flags and explain failures); echo when verbose.
+
+    Set again for every Session: other code (llama_cpp.Llama, kvcache.open_llama) installs its own callbacks. Errors
+    still reach llama_cpp's own callback, whose last error is what llama_cpp's exceptions quote.
+    """
+    global _log_callback
+    import llama_cpp
+    from llama_cpp import _logger
+
+    if _log_callback is not None:
+        llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
+        return
+
+    def on_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        global _log_count
+        _log_count += 1
+        line = text.decode("utf-8", "replace")
+        _log_lines.append(line)
+        del _log_lines[:-2000]
+        if _log_verbose:
+            print(line, end="", file=sys.stderr)
+        elif level == _GGML_LOG_ERROR:
+            _logger.llama_log_callback(level, text, user_data)
+
+    _log_callback = llama_cpp.llama_log_callback(on_log)
+    llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
+
+
+def _log_tail(n: int = 8) -> str:
+    return "".join(_log_lines[-n:]).strip()
+
+
+def cache_type_id(name: Union[str, int]) -> int:
+    from llama_cpp.llama import ggml_type_from_name
+
+    return ggml_type_from_name(name)  # raises a ValueError that lists the valid names
+
+
+EvalCallback = Callable[[int, bool], bool]
+
+
+class Session:
+    """One model and one llama.cpp context with a given KV cache, driven by llama_decode.
+
+    rotation=False sets LLAMA_ATTN_ROT_DISABLE=1 while the context is created (upstream reads it then);
+    `attn_rot` tells what llama.cpp reported: {'k': bool, 'v': bool}.
+    """
+
+    def __init__(self, model_path: Union[str, Path], n_ctx: int = 512, type_k: str = "f16", type_v: str = "f16",
+                 flash_attn: Optional[bool] = True, n_threads: Optional[int] = None, n_ubatch: int = 512,
+                 rotation: bool = True, eval_callback: Optional[EvalCallback] = None, verbose: bool = False):
+        import llama_cpp
+
+        global _log_verbose
+        _log_verbose = verbose
+        _install_log()
+        llama_cpp.llama_backend_init()
+        self.model_path = Path(model_path)
+        if not self.model_path.is_file():
+            raise FileNotFoundError(f"model file {self.model_path} does not exist")
+        self.type_k, self.type_v = type_k, type_v
+        tk, tv = cache_type_id(type_k), cache_type_id(type_v)
+        quantized_v = tv not in (llama_cpp.GGML_TYPE_F32, llama_cpp.GGML_TYPE_F16, llama_cpp.GGML_TYPE_BF16)
+        if quantized_v and flash_attn is False:
+            raise ValueError(f"a quantized V cache ({type_v}) requires flash attention: use -fa on (or auto)")
+        self.model = self.ctx = None
+        mparams = llama_cpp.llama_model_default_params()
+        self.model = llama_cpp.llama_model_load_from_file(str(self.model_path).encode(), mparams)
+        if not self.model:
+            raise LlamaError(f"llama.cpp could not load {self.model_path}:\n{_log_tail()}")
+        self.vocab = llama_cpp.llama_model_get_vocab(self.model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.n_layer = llama_cpp.llama_model_n_layer(self.model)
+        self.n_head = llama_cpp.llama_model_n_head(self.model)
+        self.n_head_kv = llama_cpp.llama_model_n_head_kv(self.model)
+        self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self.model)
+
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = n_ctx
+        cparams.n_batch = n_ctx
+        cparams.n_ubatch = min(n_ubatch, n_ctx)
+        cparams.n_seq_max = 1
+        threads = n_threads or os.cpu_count() or 1
+        cparams.n_threads = cparams.n_threads_batch = threads
+        cparams.type_k, cparams.type_v = tk, tv
+        cparams.flash_attn_type = {True: llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+                                   False: llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+                                   None: llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO}[flash_attn]
+        if eval_callback is not None:
+            self._cb = llama_cpp.ggml_backend_sched_eval_callback(lambda t, ask, ud: eval_callback(t, ask))
+            cparams.cb_eval = self._cb
+        self.rotation_requested = rotation
+        saved = os.environ.get(ROT_ENV)
+        if not rotation:
+            os.environ[ROT_ENV] = "1"
+        start = _log_count
+        try:
+            self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
+        finally:
+            if saved is None:
+                os.environ.pop(ROT_ENV, None)
+            else:
+                os.environ[ROT_ENV] = saved
+        if not self.ctx:
+            self.close()
+            raise LlamaError(f"llama.cpp could not create a context (cache K {type_k}, V {type_v}):\n{_log_tail()}")
+        self.n_ctx = llama_cpp.llama_n_ctx(self.ctx)
+        created = _log_lines[max(0, len(_log_lines) - (_log_count - start)):]
+        self.attn_rot = {m.group(1): m.group(2) == "1" for line in created for m in [_ROT_LINE.search(line)] if m}
+        self.memory = llama_cpp.llama_get_memory(self.ctx)
+        self._batch = llama_cpp.llama_batch_init(self.n_ctx, 0, 1)
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        import llama_cpp
+
+        if getattr(self, "_batch", None) is not None:
+            llama_cpp.llama_batch_free(self._batch)
+            self._batch = None
+        if self.ctx:
+            llama_cpp.llama_free(self.ctx)
+            self.ctx = None
+        if self.model:
+            llama_cpp.llama_model_free(self.model)
+            self.model = None
+
+    def tokenize(self, text: str, add_special: bool = True) -> npt.NDArray[np.int32]:
+        import llama_cpp
+
+        data = text.encode("utf-8")
+        cap = len(data) + 16
+        buf = (llama_cpp.llama_token * cap)()
+        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, False)
+        if n < 0:
+            raise LlamaError(f"tokenization needs {-n} tokens, more than the {cap} expected")
+        return np.ctypeslib.as_array(buf)[:n].astype(np.int32)
+
+    @property
+    def add_bos(self) -> bool:
+        import llama_cpp
+
+        return bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
+
+    @property
+    def bos(self) -> int:
+        import llama_cpp
+
+        return int(llama_cpp.llama_vocab_bos(self.vocab))
+
+    def clear(self) -> None:
+        import llama_cpp
+
+        llama_cpp.llama_memory_clear(self.memory, True)
+
+    def decode(self, tokens: Sequence[int], pos0: int, logits: bool) -> Optional[npt.NDArray[np.float32]]:
+        """Decode `tokens` at positions pos0.. (sequence 0), attending to what the cache already holds.
+
+        Returns the logits of every token, shaped (len(tokens), n_vocab), when `logits` is true.
+        """
+        import llama_cpp
+
+        n = len(tokens)
+        if n == 0 or n > self.n_ctx:
+            raise ValueError(f"a decode takes 1 to n_ctx={self.n_ctx} tokens, not {n}")
+        b = self._batch
+        for i, tok in enumerate(tokens):
+            b.token[i] = int(tok)
+            b.pos[i] = pos0 + i
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = 0
+            b.logits[i] = logits
+        b.n_tokens = n
+        rc = llama_cpp.llama_decode(self.ctx, b)
+        if rc != 0:
+            raise LlamaError(f"llama_decode returned {rc} ({n} tokens at position {pos0}):\n{_log_tail()}")
+        if not logits:
+            return None
+        out = np.empty((n, self.n_vocab), dtype=np.float32)
+        for i in range(n):
+            ptr = llama_cpp.llama_get_logits_ith(self.ctx, i)
+            out[i] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+        return out
+
+
+@dataclass
+class QKV:
+    """Per-layer Q, K, V of a token run: q[il] (n_tokens, n_head, head_dim), k[il] and v[il] (n_tokens, n_head_kv,
+    head_dim), float32."""
+
+    q: list[npt.NDArray[np.float32]]
+    k: list[npt.NDArray[np.float32]]
+    v: list[npt.NDArray[np.float32]]
+    n_head: int
+    n_head_kv: int
+
+    @property
+    def n_layer(self) -> int:
+        return len(self.k)
+
+
+@dataclass
+class _Collector:
+    """Keeps the named tensors of one ubatch; a name seen twice (K before, then after RoPE) keeps the later one."""
+
+    names: dict[str, tuple[str, int]] = field(default_factory=dict)
+    ubatch: dict[tuple[str, int], npt.NDArray[np.float32]] = field(default_factory=dict)
+    done: list[dict[tuple[str, int], npt.NDArray[np.float32]]] = field(default_factory=list)
+    lib: ctypes.CDLL = field(default_factory=_ggml)
+
+    def __call__(self, t: int, ask: bool) -> bool:
+        key = self.names.get(self.lib.ggml_get_name(t).decode())
+        if ask:
+            return key is not None
+        if key is not None:
+            self.ubatch[key] = tensor_to_numpy(t)
+        return True
+
+    def end_ubatch(self) -> None:
+        self.done.append(self.ubatch)
+        self.ubatch = {}
+
+
+def capture_qkv(model_path: Union[str, Path], tokens: Sequence[int], n_ctx: Optional[int] = None, *,
+                type_k: str = "f32", type_v: str = "f32", rotation: bool = True, flash_attn: bool = True,
+                n_threads: Optional[int] = None, n_ubatch: int = 512, verbose: bool = False) -> QKV:
+    """Q, K and V of every layer for `tokens` (positions 0..), as llama.cpp computes them for its cache.
+
+    K is post-RoPE and V as projected, both before upstream's Hadamard rotation, which happens after them in the
+    graph. Arrays are float32: q[il] (n_tokens, n_head, head_dim), k[il] and v[il] (n_tokens, n_head_kv, head_dim).
+    The model runs with a cache of type_k/type_v (default f32: the model's own values at every layer; a lossy type
+    gives the values that model computes when its earlier layers read that cache). n_ctx defaults to len(tokens);
+    the tokens are decoded n_ubatch at a time, as llama_decode would split them.
+    """
+    tokens = [int(t) for t in tokens]
+    if not tokens:
+        raise ValueError("capture_qkv needs at least one token")
+    n_ctx = n_ctx or len(tokens)
+    if n_ctx < len(tokens):
+        raise ValueError(f"{len(tokens)} tokens do not fit a context of n_ctx={n_ctx}")
+    collector = _Collector()
+    with Session(model_path, n_ctx=n_ctx, type_k=type_k, type_v=type_v, flash_attn=flash_attn, n_threads=n_threads,
+                 n_ubatch=n_ubatch, rotation=rotation, eval_callback=collector, verbose=verbose) as s:
+        for il in range(s.n_layer):
+            for part, tag in (("q", "Qcur"), ("k", "Kcur"), ("v", "Vcur")):
+                collector.names[f"{tag}-{il}"] = (part, il)
+        step = min(n_ubatch, s.n_ctx)
+        for start in range(0, len(tokens), step):
+            # one decode of at most n_ubatch tokens is one ubatch, so each name is computed once per decode
+            s.decode(tokens[start:start + step], start, logits=False)
+            collector.end_ubatch()
+        n_layer, n_head, n_head_kv = s.n_layer, s.n_head, s.n_head_kv
+
+    out: dict[str, list[npt.NDArray[np.float32]]] = {"q": [], "k": [], "v": []}
+    for part, heads in (("q", n_head), ("k", n_head_kv), ("v", n_head_kv)):
+        for il in range(n_layer):
+            pieces = []
+            for ub in collector.done:
+                if (part, il) not in ub:
+                    raise LlamaError(f"the graph has no tensor named {part.upper()}cur-{il}: this model's "
+                                     "architecture names its attention inputs differently")
+                a = ub[(part, il)]
+                pieces.append(a.reshape(-1, heads, _head_dim(a, heads)))
+            out[part].append(np.concatenate(pieces, axis=0))
+    if out["k"][0].shape[0] != len(tokens):
+        raise LlamaError(f"captured {out['k'][0].shape[0]} token rows for {len(tokens)} tokens")
+    return QKV(out["q"], out["k"], out["v"], n_head, n_head_kv)
+
+
+def _head_dim(a: npt.NDArray[np.float32], heads: int) -> int:
+    # ggml shapes: (..., n_tokens, n_heads, head_dim) when 3-D, or (n_tokens, n_heads*head_dim) when 2-D
+    return a.shape[-1] if a.ndim >= 3 and a.shape[-2] == heads else a.shape[-1] // heads
+
+
+@dataclass
+class CacheLayer:
+    k_type: int
+    k_rows: npt.NDArray[np.uint8]  # (n_cells, row bytes), raw ggml data of k_type
+    v_type: int
+    v_rows: Optional[npt.NDArray[np.uint8]]  # (n_cells, row bytes); None for a transposed (non-flash) V cache
+
+
+def read_cache(session: Session, seq_id: int = 0) -> list[CacheLayer]:
+    """What the KV cache holds for a sequence, per layer, from llama_state_seq_get_data (single-stream caches)."""
+    import llama_cpp
+
+    size = llama_cpp.llama_state_seq_get_size(session.ctx, seq_id)
+    buf = (ctypes.c_uint8 * size)()
+    got = llama_cpp.llama_state_seq_get_data(session.ctx, buf, size, seq_id)
+    data = bytes(buf)[:got]
+    off = 0
+
+    def take(fmt: str):
+        nonlocal off
+        vals = struct.unpack_from("<" + fmt, data, off)
+        off += struct.calcsize("<" + fmt)
+        return vals if len(vals) > 1 else vals[0]
+
+    magic, _seq, n_stream = take("IiI")
+    if magic != _STATE_MAGIC or n_stream != 1:
+        raise LlamaError(f"unexpected sequence state (magic {magic:#x}, {n_stream} streams)")
+    cells = take("I")
+    for _ in range(cells):
+        _pos, n_seq = take("iI")
+        off += 4 * n_seq
+    v_trans, n_layer = take("II")
+    if n_layer != session.n_layer:
+        raise LlamaError(f"the state has {n_layer} layers, the model {session.n_layer}: the cell metadata has a "
+                         "layout this parser does not know")
+    layers: list[CacheLayer] = []
+    for _ in range(n_layer):
+        k_type, row = take("iQ")
+        rows = np.frombuffer(data, np.uint8, cells * row, off).reshape(cells, row)
+        off += cells * row
+        layers.append(CacheLayer(k_type, rows, -1, None))
+    for layer in layers:
+        if v_trans:
+            layer.v_type, el, n_embd = take("iII")
+            off += n_embd * cells * el
+        else:
+            layer.v_type, row = take("iQ")
+            layer.v_rows = np.frombuffer(data, np.uint8, cells * row, off).reshape(cells, row)
+            off += cells * row
+    return layers
