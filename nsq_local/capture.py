@@ -33,6 +33,7 @@ import numpy as np
 import numpy.typing as npt
 
 ROT_ENV = "LLAMA_ATTN_ROT_DISABLE"
+CALIB_ENV = "LLAMA_NSQ_CALIB"
 _STATE_MAGIC = 0xAF143CD8
 _GGML_LOG_ERROR = 4
 _ROT_LINE = re.compile(r"attn_rot_([kv]) = (\d)")
@@ -132,12 +133,14 @@ class Session:
     """One model and one llama.cpp context with a given KV cache, driven by llama_decode.
 
     rotation=False sets LLAMA_ATTN_ROT_DISABLE=1 while the context is created (upstream reads it then);
-    `attn_rot` tells what llama.cpp reported: {'k': bool, 'v': bool}.
+    `attn_rot` tells what llama.cpp reported: {'k': bool, 'v': bool}. nsq_calib (an nsq4 K cache only) sets
+    LLAMA_NSQ_CALIB the same way: the K means of nsq-calibrate that the cache centers keys by.
     """
 
     def __init__(self, model_path: Union[str, Path], n_ctx: int = 512, type_k: str = "f16", type_v: str = "f16",
                  flash_attn: Optional[bool] = True, n_threads: Optional[int] = None, n_ubatch: int = 512,
-                 rotation: bool = True, eval_callback: Optional[EvalCallback] = None, verbose: bool = False):
+                 rotation: bool = True, eval_callback: Optional[EvalCallback] = None, verbose: bool = False,
+                 nsq_calib: Optional[Union[str, Path]] = None):
         import llama_cpp
 
         global _log_verbose
@@ -179,17 +182,26 @@ class Session:
             self._cb = llama_cpp.ggml_backend_sched_eval_callback(lambda t, ask, ud: eval_callback(t, ask))
             cparams.cb_eval = self._cb
         self.rotation_requested = rotation
-        saved = os.environ.get(ROT_ENV)
-        if not rotation:
-            os.environ[ROT_ENV] = "1"
+        self.nsq_calib = nsq_calib
+        env = {ROT_ENV: None if rotation else "1", CALIB_ENV: None if nsq_calib is None else os.fspath(nsq_calib)}
+        if nsq_calib is not None:
+            if tk != llama_cpp.GGML_TYPE_NSQ4:
+                raise ValueError(f"an NSQ4 calibration applies to an nsq4 K cache, not {type_k}")
+            if not Path(nsq_calib).is_file():
+                raise FileNotFoundError(f"NSQ4 calibration file {nsq_calib} does not exist (make it with nsq-calibrate)")
+        saved = {k: os.environ.get(k) for k in env}
+        for k, v in env.items():
+            if v is not None:
+                os.environ[k] = v
         start = _log_count
         try:
             self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
         finally:
-            if saved is None:
-                os.environ.pop(ROT_ENV, None)
-            else:
-                os.environ[ROT_ENV] = saved
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
         if not self.ctx:
             self.close()
             raise LlamaError(f"llama.cpp could not create a context (cache K {type_k}, V {type_v}):\n{_log_tail()}")

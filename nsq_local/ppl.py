@@ -154,7 +154,8 @@ def window_logits(s: Session, window: npt.NDArray[np.int32]) -> npt.NDArray[np.f
 
 def evaluate(model: Path, tokens: npt.NDArray[np.int32], n_ctx: int, chunks: int,
              pairs: Sequence[tuple[str, str]], flash_attn: Optional[bool], rotation: bool,
-             n_threads: Optional[int], n_ubatch: int, add_bos: bool, bos: int, verbose: bool = False) -> dict:
+             n_threads: Optional[int], n_ubatch: int, add_bos: bool, bos: int, verbose: bool = False,
+             nsq_calib: Optional[Path] = None) -> dict:
     """One -c: the f16 baseline and each cache type over the same windows; a JSON-ready dict."""
     if n_ctx < 8 or n_ctx % 2:
         raise UsageError(f"-c {n_ctx}: the window must be an even number of tokens, at least 8")
@@ -167,7 +168,8 @@ def evaluate(model: Path, tokens: npt.NDArray[np.int32], n_ctx: int, chunks: int
     try:
         for tk, tv in [("f16", "f16"), *pairs]:
             sessions.append(Session(model, n_ctx=n_ctx, type_k=tk, type_v=tv, flash_attn=flash_attn,
-                                    n_threads=n_threads, n_ubatch=n_ubatch, rotation=rotation, verbose=verbose))
+                                    n_threads=n_threads, n_ubatch=n_ubatch, rotation=rotation, verbose=verbose,
+                                    nsq_calib=nsq_calib if tk == "nsq4" else None))
         accs = [_Acc() for _ in sessions]
         prog = Progress(n_win * len(sessions), f"nsq-ppl -c {n_ctx}")
         for w in range(n_win):
@@ -295,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "cache requires it)")
     ap.add_argument("--no-rot", action="store_true",
                     help="turn off upstream's Hadamard rotation of quantized K/V (LLAMA_ATTN_ROT_DISABLE=1)")
+    ap.add_argument("--nsq-calib", metavar="FILE", help="center nsq4 K caches by these K means (from nsq-calibrate)")
     ap.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
     ap.add_argument("-ub", "--ubatch-size", type=int, default=512, help="physical batch size (default: 512)")
     ap.add_argument("--sweep-ctx", metavar="N,N,...", help="long-context mode: run each window size in the list")
@@ -314,7 +317,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if sweep:
             pyplot()  # fail before the long run, not after it
         model, text = Path(args.model), Path(args.file)
-        for what, p in (("model", model), ("text", text)):
+        calib = Path(args.nsq_calib) if args.nsq_calib else None
+        if calib is not None and not any(tk == "nsq4" for tk, _ in pairs):
+            raise UsageError("--nsq-calib centers an nsq4 K cache: add -ctk nsq4")
+        for what, p in (("model", model), ("text", text), ("calibration", calib)):
+            if p is None:
+                continue
             if not p.is_file():
                 raise UsageError(f"{what} file {p} does not exist")
         fa = {"on": True, "off": False, "auto": None}[args.flash_attn]
@@ -332,7 +340,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 print(f"nsq-ppl: warning: -c {c} is longer than the model's training context {n_ctx_train}",
                       file=sys.stderr)
             runs.append(evaluate(model, tokens, c, args.chunks, pairs, fa, not args.no_rot, args.threads,
-                                 args.ubatch_size, add_bos, bos, args.verbose))
+                                 args.ubatch_size, add_bos, bos, args.verbose, calib))
     except (UsageError, FileNotFoundError) as e:
         print(f"nsq-ppl: error: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -343,13 +351,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rotation = "off (--no-rot: LLAMA_ATTN_ROT_DISABLE=1)" if args.no_rot else "upstream default (on for quantized K/V)"
     settings = {"model": str(model), "text": str(text), "text_tokens": int(len(tokens)), "flash_attn": args.flash_attn,
                 "rotation": "off" if args.no_rot else "on", "ubatch": args.ubatch_size,
+                "nsq_calib": str(calib) if calib else None,
                 "scheme": "per window: pass 1 decodes the first half into the cache (no logits); pass 2 decodes "
                           "the second half, reading the stored prefix; tokens c/2+1..c-1 are scored against an "
                           "f16-cache baseline on the same windows"}
     for run in runs:
         windows = f"{run['chunks']} window{'s' * (run['chunks'] > 1)}"
         print(f"\n{model.name}: -c {run['n_ctx']} (prefix {run['prefix']} in pass 1), {windows}, "
-              f"{run['tokens_scored']} tokens scored, flash attention {args.flash_attn}, rotation {rotation}")
+              f"{run['tokens_scored']} tokens scored, flash attention {args.flash_attn}, rotation {rotation}"
+              + (f", nsq4 K centered by {calib.name}" if calib else ""))
         print(format_table(run))
     out: dict = {**settings, **runs[0]} if not sweep else {**settings, "sweep_ctx": sweep, "runs": runs}
     if sweep:

@@ -54,3 +54,15 @@ def upstream_tree() -> Path:
     if proc.returncode != 0:
         pytest.fail(f"preparing the patched tree failed:\n{proc.stderr}")
     return dest
+
+
+@pytest.fixture(scope="session")
+def nsq_calib(smollm2, wikitext, tmp_path_factory) -> Path:
+    """nsq-calibrate's K means for SmolLM2, from the second half of WikiText-2 test: far from the windows the tests
+    evaluate (they read the text from its start)."""
+    from nsq_local import calibrate
+
+    text = wikitext.read_bytes().decode("utf-8", errors="replace")
+    out = tmp_path_factory.mktemp("calib") / "smollm2.nsq.gguf"
+    return calibrate.calibrate(smollm2, out, text[len(text) // 2:], "wikitext-2 test, second half", n_ctx=512,
+                               chunks=2, progress=False)

@@ -16,11 +16,8 @@ from test_tools import perplexity, run
 
 
 @pytest.fixture(scope="module")
-def calib(smollm2, wikitext, tmp_path_factory) -> Path:
-    """Means from the second half of WikiText-2 test, far from the windows the tests below evaluate."""
-    text = wikitext.read_text(encoding="utf-8")
-    out = tmp_path_factory.mktemp("calib") / "smollm2.nsq.gguf"
-    return calibrate.calibrate(smollm2, out, text[len(text) // 2:], "wikitext-2 second half", n_ctx=512, chunks=2)
+def calib(nsq_calib) -> Path:
+    return nsq_calib
 
 
 def read_means(path: Path, tree: Path) -> dict[str, np.ndarray]:

@@ -71,10 +71,12 @@ RESULT_KEYS = {"type_k", "type_v", "attn_rot_k", "attn_rot_v", "ppl", "delta_ppl
 
 
 @pytest.fixture(scope="module")
-def no_rot_run(smollm2, wikitext, tmp_path_factory):
+def no_rot_run(smollm2, wikitext, nsq_calib, tmp_path_factory):
     out = tmp_path_factory.mktemp("ppl") / "r.json"
+    # nsq4 as nsq-local ships it: K centered by nsq-calibrate's means
     rc = ppl.main(["-m", str(smollm2), "-f", str(wikitext), "-c", str(C), "--chunks", "3", "-t", str(THREADS),
-                   "--no-rot", "-ctk", "nsq4", "-ctv", "nsq4", "-ctk", "q4_0", "-ctv", "q4_0", "--json", str(out)])
+                   "--no-rot", "-ctk", "nsq4", "-ctv", "nsq4", "-ctk", "q4_0", "-ctv", "q4_0", "--json", str(out),
+                   "--nsq-calib", str(nsq_calib)])
     assert rc == 0
     return json.loads(out.read_text())
 
@@ -100,8 +102,8 @@ def test_nsq4_kld_without_rotation(no_rot_run):
     nsq4, q4_0 = no_rot_run["results"]
     print(f"no rotation, -c {C}: KLD nsq4 {nsq4['kld_mean']:.5f}, q4_0 {q4_0['kld_mean']:.5f}")
     assert nsq4["kld_mean"] > 0
-    # issue 4's check, at this test's setting. The order depends on the setting: without rotation nsq4 measured
-    # 0.125 vs q4_0's 0.113 at -c 256 (3 windows), and the project's -c 2048 baseline is 0.147 vs 0.1326
+    # issue 4's check. Without its K centering nsq4 is not reliably below q4_0 here (0.125 vs 0.113 at -c 256, 3
+    # windows); centered it is, at every setting measured (docs/quality.md)
     assert nsq4["kld_mean"] < q4_0["kld_mean"]
 
 
