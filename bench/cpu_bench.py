@@ -136,8 +136,11 @@ def main(argv: list[str] | None = None) -> int:
             for t in types:
                 print(f"[{model.name}] round {rnd + 1}/{args.rounds}: llama-bench -ctk {t} -ctv {t}",
                       file=sys.stderr, flush=True)
-                results += llama_bench(args.bin, model, t, depths, args.threads, args.reps, args.n_prompt,
-                                       args.n_gen)
+                got = llama_bench(args.bin, model, t, depths, args.threads, args.reps, args.n_prompt, args.n_gen)
+                # partial figures as they come: a run cut short still leaves them in the log
+                for r in got:
+                    print(f"  {t} {test_name(r)} @ d{r['n_depth']}: {r['avg_ts']:.2f} t/s", file=sys.stderr, flush=True)
+                results += got
         report["models"][str(model)] = results
         print(f"\nmodel: {model.name}, threads: {args.threads}, flash attention on, K and V of one type\n")
         print(model_table(results, types), flush=True)
