@@ -1,10 +1,11 @@
 """CPU speed of the NSQ4 KV cache against f16, q8_0 and q4_0: llama-bench prefill and decode with flash attention
-at depth 0 and a deep context, plus from_float (set_rows) throughput of nsq4 and q4_0.
+at depth 0 and a deep context, plus from_float (set_rows) throughput of nsq4 and q4_0, against issue #5's goals.
 
-    python3 bench/cpu_bench.py --bin build/tools/bin --tree build/upstream [--model M.gguf] [--json out.json]
+    python3 bench/cpu_bench.py --bin build/tools/bin --tree build/upstream [-m M.gguf ...] [--json out.json]
 
-One llama-bench invocation runs every (type_k, type_v) pair of --types (16 for the default four), each at every
-depth: at depth 4096 on 2 threads that is well over 20 minutes; --reps 1 or fewer --types shorten it.
+llama-bench crosses every -ctk with every -ctv, so the matched pairs (K and V of one type) run as one llama-bench
+call per type, back to back; with --rounds N the types take turns N times, so that a change of load on a shared
+machine reaches every type alike. Default models: SmolLM2-135M (head size 64) and Gemma 3 270M (head size 256).
 """
 from __future__ import annotations
 
@@ -18,23 +19,31 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 CHECK_SRC = ROOT / "tests" / "c" / "nsq4_check.c"
 
+# issue #5: ratio of nsq4 to a baseline type, per test ("pp"/"tg"/"quantize") at the deep context
+GOALS = [("tg", "q4_0", 1.0), ("tg", "f16", 1.0), ("pp", "q4_0", 0.9)]
+QUANT_GOAL = 0.5
 
-def llama_bench(bin_dir: Path, model: Path, types: list[str], depths: list[int], threads: int, reps: int,
+
+def llama_bench(bin_dir: Path, model: Path, cache_type: str, depths: list[int], threads: int, reps: int,
                 n_prompt: int, n_gen: int) -> list[dict]:
-    t = ",".join(types)
     cmd = [str(bin_dir / "llama-bench"), "-m", str(model), "-fa", "1", "-t", str(threads), "-p", str(n_prompt),
-           "-n", str(n_gen), "-d", ",".join(map(str, depths)), "-ctk", t, "-ctv", t, "-r", str(reps), "-o", "json"]
-    print("+", " ".join(cmd), file=sys.stderr)
-    return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+           "-n", str(n_gen), "-d", ",".join(map(str, depths)), "-ctk", cache_type, "-ctv", cache_type,
+           "-r", str(reps), "-o", "json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout)
 
 
 def quantize_throughput(bin_dir: Path, tree: Path, types: list[str], n: int, reps: int) -> dict[str, float]:
     """GB/s of float32 input through the CPU backend's from_float, best of reps (tests/c/nsq4_check.c --bench)."""
+    include = tree / "vendor" / "llama.cpp" / "ggml" / "include"
+    if not include.is_dir():
+        sys.exit(f"{include} is missing: pass the patched tree with --tree (python3 ggml_patch/prepare.py --dest DIR)")
     with tempfile.TemporaryDirectory(prefix="nsq4-bench-") as tmp:
         exe = Path(tmp) / "nsq4_check"
-        subprocess.run(["cc", "-O2", "-std=c11", str(CHECK_SRC), "-I", str(tree / "vendor/llama.cpp/ggml/include"),
-                        "-L", str(bin_dir), "-lggml-cpu", "-lggml-base", "-lm", f"-Wl,-rpath,{bin_dir}",
-                        "-o", str(exe)], check=True)
+        subprocess.run(["cc", "-O2", "-std=c11", str(CHECK_SRC), "-I", str(include), "-L", str(bin_dir),
+                        "-lggml-cpu", "-lggml-base", "-lm", f"-Wl,-rpath,{bin_dir}", "-o", str(exe)], check=True)
         out = {}
         for t in types:
             r = subprocess.run([str(exe), "--bench", t, str(n), str(reps)], check=True, capture_output=True, text=True)
@@ -43,15 +52,24 @@ def quantize_throughput(bin_dir: Path, tree: Path, types: list[str], n: int, rep
         return out
 
 
+def test_kind(r: dict) -> str:
+    return "pp" if r["n_prompt"] else "tg"
+
+
 def test_name(r: dict) -> str:
     return f"pp{r['n_prompt']}" if r["n_prompt"] else f"tg{r['n_gen']}"
 
 
-def table(results: list[dict], quant: dict[str, float]) -> str:
-    # llama-bench runs every (type_k, type_v) pair of the lists; the table shows the matched ones
-    results = [r for r in results if r["type_k"] == r["type_v"]]
-    types = list(dict.fromkeys(r["type_k"] for r in results))
-    ts = {(test_name(r), r["n_depth"], r["type_k"]): r["avg_ts"] for r in results}
+def mean_ts(results: list[dict]) -> dict[tuple[str, int, str], float]:
+    """Mean t/s per (test, depth, type) over the rounds."""
+    acc: dict[tuple[str, int, str], list[float]] = {}
+    for r in results:
+        acc.setdefault((test_name(r), r["n_depth"], r["type_k"]), []).append(r["avg_ts"])
+    return {key: sum(v) / len(v) for key, v in acc.items()}
+
+
+def model_table(results: list[dict], types: list[str]) -> str:
+    ts = mean_ts(results)
     rows = ["| test | depth | " + " | ".join(f"{t} t/s" for t in types) + " | nsq4/q4_0 | nsq4/f16 |",
             "|---|---:|" + "---:|" * (len(types) + 2)]
     for test, depth in dict.fromkeys((test_name(r), r["n_depth"]) for r in results):
@@ -60,39 +78,84 @@ def table(results: list[dict], quant: dict[str, float]) -> str:
         ratios = [nsq4 / ts.get((test, depth, b), float("nan")) for b in ("q4_0", "f16")]
         rows.append(f"| {test} | {depth} | " + " | ".join(f"{v:.2f}" for v in row)
                     + " | " + " | ".join(f"{v:.2f}x" for v in ratios) + " |")
-    rows += ["", "| from_float | GB/s of f32 in |", "|---|---:|"]
-    rows += [f"| {t} | {g:.3f} |" for t, g in quant.items()]
-    if "nsq4" in quant and "q4_0" in quant:
-        rows.append(f"| nsq4/q4_0 | {quant['nsq4'] / quant['q4_0']:.2f}x |")
     return "\n".join(rows)
+
+
+def goal_rows(name: str, results: list[dict], depth: int) -> list[tuple[str, float, float]]:
+    ts = mean_ts(results)
+    out = []
+    for kind, base, goal in GOALS:
+        test = next((test_name(r) for r in results if test_kind(r) == kind), None)
+        ratio = ts.get((test, depth, "nsq4"), float("nan")) / ts.get((test, depth, base), float("nan"))
+        out.append((f"{name}: {test} @ d{depth}, nsq4/{base}", ratio, goal))
+    return out
+
+
+def goal_table(rows: list[tuple[str, float, float]]) -> str:
+    lines = ["| goal (issue #5) | measured | target | met |", "|---|---:|---:|---|"]
+    for what, ratio, goal in rows:
+        lines.append(f"| {what} | {ratio:.2f}x | >= {goal:.1f}x | {'yes' if ratio >= goal else 'no'} |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bin", type=Path, default=ROOT / "build" / "tools" / "bin", help="llama-bench and ggml libs")
     ap.add_argument("--tree", type=Path, default=ROOT / "build" / "upstream", help="patched tree (ggml headers)")
-    ap.add_argument("--model", type=Path, help="GGUF model (default: SmolLM2 from nsq_local.models)")
-    ap.add_argument("--types", default="f16,q8_0,q4_0,nsq4", help="KV cache types, comma separated")
-    ap.add_argument("--depths", default="0,4096", help="context depths, comma separated")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--reps", type=int, default=3, help="llama-bench repetitions")
-    ap.add_argument("--n-prompt", type=int, default=512)
-    ap.add_argument("--n-gen", type=int, default=64)
+    ap.add_argument("-m", "--model", type=Path, action="append",
+                    help="GGUF model, repeatable (default: SmolLM2 and Gemma 3 270M from nsq_local.models)")
+    ap.add_argument("--types", default="f16,q8_0,q4_0,nsq4", help="KV cache types (K and V alike), comma separated")
+    ap.add_argument("-d", "--depths", default="0,4096", help="context depths, comma separated; the last is the "
+                    "deep context of the goals")
+    ap.add_argument("-t", "--threads", type=int, default=2)
+    ap.add_argument("-r", "--reps", type=int, default=1, help="llama-bench repetitions per call")
+    ap.add_argument("--rounds", type=int, default=1, help="times the types take turns")
+    ap.add_argument("-p", "--n-prompt", type=int, default=512)
+    ap.add_argument("-n", "--n-gen", type=int, default=64)
     ap.add_argument("--quant-values", type=int, default=1 << 20, help="values per from_float call")
     ap.add_argument("--json", type=Path, default=Path("cpu_bench.json"), help="where the results go")
     args = ap.parse_args(argv)
 
-    model = args.model
-    if model is None:
-        from nsq_local import models
-        model = models.smollm2()
     types = args.types.split(",")
-    results = llama_bench(args.bin, model, types, [int(d) for d in args.depths.split(",")], args.threads,
-                          args.reps, args.n_prompt, args.n_gen)
+    if "nsq4" not in types:
+        ap.error("--types must include nsq4: the table compares it with the others")
+    depths = [int(d) for d in args.depths.split(",")]
+    models = args.model
+    if not models:
+        from nsq_local import models as nm
+        try:
+            models = [nm.smollm2(), nm.gemma3_270m()]
+        except nm.ModelNotInstalled as e:
+            sys.exit(f"{e} (or pass -m)")
+
+    report: dict = {"threads": args.threads, "models": {}}
+    goals: list[tuple[str, float, float]] = []
+    for model in models:
+        results: list[dict] = []
+        for rnd in range(args.rounds):
+            for t in types:
+                print(f"[{model.name}] round {rnd + 1}/{args.rounds}: llama-bench -ctk {t} -ctv {t}",
+                      file=sys.stderr, flush=True)
+                got = llama_bench(args.bin, model, t, depths, args.threads, args.reps, args.n_prompt, args.n_gen)
+                # partial figures as they come: a run cut short still leaves them in the log
+                for r in got:
+                    print(f"  {t} {test_name(r)} @ d{r['n_depth']}: {r['avg_ts']:.2f} t/s", file=sys.stderr, flush=True)
+                results += got
+        report["models"][str(model)] = results
+        print(f"\nmodel: {model.name}, threads: {args.threads}, flash attention on, K and V of one type\n")
+        print(model_table(results, types), flush=True)
+        goals += goal_rows(model.stem, results, depths[-1])
+
+    print("[quantize] from_float throughput", file=sys.stderr, flush=True)
     quant = quantize_throughput(args.bin, args.tree, ["nsq4", "q4_0"], args.quant_values, 20)
-    print(f"model: {model.name}, threads: {args.threads}, flash attention on\n")
-    print(table(results, quant))
-    args.json.write_text(json.dumps({"model": str(model), "llama_bench": results, "from_float_gbs": quant}, indent=1))
+    report["from_float_gbs"] = quant
+    print(f"\n| from_float, {args.quant_values} values | GB/s of f32 in |\n|---|---:|")
+    for t, g in quant.items():
+        print(f"| {t} | {g:.3f} |")
+    goals.append(("quantize: from_float nsq4/q4_0", quant["nsq4"] / quant["q4_0"], QUANT_GOAL))
+    print("\n" + goal_table(goals))
+    report["goals"] = [{"what": w, "ratio": r, "target": g} for w, r, g in goals]
+    args.json.write_text(json.dumps(report, indent=1))
     return 0
 
 

@@ -1,8 +1,9 @@
 // Runs the CPU backend's NSQ4 kernels (the SIMD ones where the build has them) on data from Python, so that
 // tests/test_simd.py can compare them with nsq_local/reference.py on every architecture it can run.
 //
-//   nsq4_check X.f32 Y.f32 K OUT_PREFIX   quantize X (nsq4) and Y (q8_0) with from_float and take the dot product
-//                                         of every K-value row: writes OUT_PREFIX.nsq4, .q8_0 and .dot (float32)
+//   nsq4_check X.f32 Y.f32 K OUT_PREFIX   quantize X (nsq4) with from_float, convert Y to nsq4's vec_dot_type (F32:
+//                                         K.Q reads Q unrounded) and take the dot product of every K-value row:
+//                                         writes OUT_PREFIX.nsq4, .y (Y as vec_dot read it) and .dot (float32)
 //   nsq4_check --bench TYPE N REPS        from_float throughput of TYPE over N float32 values, in GB/s of input
 #define _POSIX_C_SOURCE 199309L // clock_gettime
 #include "ggml.h"
@@ -90,7 +91,11 @@ int main(int argc, char ** argv) {
     }
     const int64_t nrows = n / k;
     const struct ggml_type_traits_cpu * nsq4 = ggml_get_type_traits_cpu(GGML_TYPE_NSQ4);
-    const struct ggml_type_traits_cpu * q8_0 = ggml_get_type_traits_cpu(nsq4->vec_dot_type);
+    if (nsq4->vec_dot_type != GGML_TYPE_F32) {
+        fprintf(stderr, "nsq4's vec_dot_type is %s, this check expects f32\n", ggml_type_name(nsq4->vec_dot_type));
+        return 1;
+    }
+    const struct ggml_type_traits_cpu * vdt = ggml_get_type_traits_cpu(nsq4->vec_dot_type);
     const size_t xrow = ggml_row_size(GGML_TYPE_NSQ4, k);
     const size_t yrow = ggml_row_size(nsq4->vec_dot_type, k);
     char  * qx  = malloc(nrows*xrow);
@@ -98,11 +103,11 @@ int main(int argc, char ** argv) {
     float * dot = malloc(nrows*sizeof(float));
     for (int64_t r = 0; r < nrows; ++r) {
         nsq4->from_float(x + r*k, qx + r*xrow, k);
-        q8_0->from_float(y + r*k, qy + r*yrow, k);
+        vdt->from_float(y + r*k, qy + r*yrow, k);
         nsq4->vec_dot((int) k, &dot[r], 0, qx + r*xrow, 0, qy + r*yrow, 0, 1);
     }
     write_file(argv[4], "nsq4", qx, nrows*xrow);
-    write_file(argv[4], "q8_0", qy, nrows*yrow);
+    write_file(argv[4], "y", qy, nrows*yrow);
     write_file(argv[4], "dot", dot, nrows*sizeof(float));
     return 0;
 }
