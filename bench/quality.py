@@ -6,8 +6,9 @@ Hadamard rotation on and off, for SmolLM2-135M and Gemma 3 270M.
 
 Each row is one `llama-perplexity -c C --chunks N -fa on -ctk T -ctv T --kl-divergence` run against the f16 run's
 logits (`--kl-divergence-base`), so every type is scored on the same tokens. "nsq4+calib" runs nsq4 with the K means
-of `nsq-calibrate` (LLAMA_NSQ_CALIB); the calibration text is given by --calib-text (default: Python's standard-library
-documentation, what nsq-chat uses) — never the evaluated windows. Logs are kept in --work; a run whose log is
+of `nsq-calibrate` (LLAMA_NSQ_CALIB) from its default text, Python's standard-library documentation (what nsq-chat
+uses); "nsq4+textcalib" calibrates on the second half of the evaluated text, which the evaluated windows (its start)
+never reach: in-domain calibration, as `nsq-calibrate -f` gives it. Logs are kept in --work; a run whose log is
 complete is not repeated (delete it to re-run). Writes OUT.json and OUT.md. Rotation does not apply to f16, which
 is listed once.
 """
@@ -28,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nsq_local import models  # noqa: E402
 from nsq_local.kvcache import bits_per_value  # noqa: E402
 
-TYPES = ("f16", "q8_0", "q5_0", "q4_1", "iq4_nl", "q4_0", "nsq4", "nsq4+calib")
+TYPES = ("f16", "q8_0", "q5_0", "q4_1", "iq4_nl", "q4_0", "nsq4", "nsq4+calib", "nsq4+textcalib")
 PATTERNS = {
     "ppl": re.compile(r"Mean PPL\(Q\)\s*:\s*([0-9.]+)\s*±\s*([0-9.]+)"),
     "ppl_base": re.compile(r"Mean PPL\(base\)\s*:\s*([0-9.]+)"),
@@ -78,8 +79,6 @@ def main() -> int:
     ap.add_argument("--chunks", type=int, default=4)
     ap.add_argument("-t", "--threads", type=int, default=2)
     ap.add_argument("--rot", default="on,off", help="upstream's Hadamard rotation: on, off or on,off")
-    ap.add_argument("--calib-text", type=Path, default=None,
-                    help="calibration text for nsq4+calib (default: Python's standard-library docs)")
     args = ap.parse_args()
 
     text = args.file or Path(os.environ.get("NSQ_WIKITEXT", Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -101,23 +100,26 @@ def main() -> int:
         print(f"{title}:", file=sys.stderr)
         f16 = parse(run(common + ["-ctk", "f16", "-ctv", "f16", "--kl-divergence-base", str(base)], {},
                         logs / f"{key}-f16-base.log"))
-        calib = None
+        calibs: dict[str, Path] = {}
         for rot in args.rot.split(","):
             for t in args.types.split(","):
                 if t == "f16" and rot == "off":
                     continue
                 env = {"LLAMA_ATTN_ROT_DISABLE": "1"} if rot == "off" else {}
                 ctype = t.split("+")[0]
-                if t.endswith("+calib"):
-                    if calib is None:
+                if "+" in t:
+                    kind = t.split("+")[1]
+                    if kind not in calibs:
                         from nsq_local import calibrate
 
-                        calib = logs / f"{key}.nsq.gguf"
-                        if not calib.is_file():
-                            calib_text = args.calib_text.read_text() if args.calib_text else None
-                            calibrate.calibrate(model, calib, calib_text,
-                                                args.calib_text.name if args.calib_text else "python-stdlib-docs")
-                    env["LLAMA_NSQ_CALIB"] = str(calib)
+                        calibs[kind] = logs / f"{key}-{kind}.nsq.gguf"
+                        if not calibs[kind].is_file():
+                            if kind == "textcalib":  # in-domain: the second half of the text, never evaluated
+                                body = text.read_bytes().decode("utf-8", errors="replace")
+                                calibrate.calibrate(model, calibs[kind], body[len(body) // 2:], f"{text.name}, 2nd half")
+                            else:
+                                calibrate.calibrate(model, calibs[kind])
+                    env["LLAMA_NSQ_CALIB"] = str(calibs[kind])
                 name = f"{key}-{t.replace('+', '-')}-rot{rot}"
                 r = parse(run(common + ["-ctk", ctype, "-ctv", ctype, "--kl-divergence-base", str(base),
                                         "--kl-divergence"], env, logs / f"{name}.log"))
