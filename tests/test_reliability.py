@@ -1,0 +1,198 @@
+"""Every KV-cache operation llama.cpp offers, with K and V in NSQ4, on SmolLM2 through the low-level llama_cpp API:
+state save/load (memory, file, one sequence), sequence removal and copy, parallel sequences in one batch and the
+context shift (K re-roped in place, through upstream's Hadamard rotation), each with the rotation on and off.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import llama_cpp
+
+ROTATION = [pytest.param(True, id="rot"), pytest.param(False, id="norot")]
+THREADS = 2
+
+
+class LogTap:
+    """Keeps llama.cpp's log while installed, to read back what a context reports about itself."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self._cb = llama_cpp.llama_log_callback(self._log)
+
+    def _log(self, level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        self.lines.append(text.decode("utf-8", "replace"))
+
+    def __enter__(self) -> LogTap:
+        llama_cpp.llama_log_set(self._cb, ctypes.c_void_p(0))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        from llama_cpp import _logger
+
+        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+
+
+class Session:
+    """One llama_context on the shared model; decode() returns copies of the requested logits."""
+
+    def __init__(self, model, *, cache: str = "nsq4", n_ctx: int = 512, n_seq_max: int = 1, rotation: bool = True,
+                 kv_unified: bool = False) -> None:
+        p = llama_cpp.llama_context_default_params()
+        p.n_ctx, p.n_batch, p.n_seq_max = n_ctx, n_ctx, n_seq_max
+        p.n_threads = p.n_threads_batch = THREADS
+        p.type_k = p.type_v = llama_cpp.llama.ggml_type_from_name(cache)
+        p.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        p.kv_unified = kv_unified
+        # llama.cpp reads LLAMA_ATTN_ROT_DISABLE when it creates the cache
+        saved = os.environ.pop("LLAMA_ATTN_ROT_DISABLE", None)
+        if not rotation:
+            os.environ["LLAMA_ATTN_ROT_DISABLE"] = "1"
+        try:
+            with LogTap() as log:
+                self.ctx = llama_cpp.llama_init_from_model(model, p)
+        finally:
+            os.environ.pop("LLAMA_ATTN_ROT_DISABLE", None)
+            if saved is not None:
+                os.environ["LLAMA_ATTN_ROT_DISABLE"] = saved
+        if not self.ctx:
+            pytest.fail("llama_init_from_model failed:\n" + "".join(log.lines[-20:]))
+        rot_k = [ln for ln in log.lines if "attn_rot_k = " in ln]
+        expect = int(rotation and cache != "f16")
+        assert rot_k and all(f"attn_rot_k = {expect}" in ln for ln in rot_k), rot_k
+        self.mem = llama_cpp.llama_get_memory(self.ctx)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model))
+        self.n_seq_max = n_seq_max
+
+    def close(self) -> None:
+        llama_cpp.llama_free(self.ctx)
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def decode(self, items: list[tuple[int, int, int, bool]]) -> np.ndarray:
+        """items: (token, position, sequence, wants logits); returns the logits of the marked items in order."""
+        batch = llama_cpp.llama_batch_init(len(items), 0, self.n_seq_max)
+        try:
+            for i, (tok, pos, seq, out) in enumerate(items):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = tok, pos, 1, out
+                batch.seq_id[i][0] = seq
+            batch.n_tokens = len(items)
+            rc = llama_cpp.llama_decode(self.ctx, batch)
+            assert rc == 0, f"llama_decode returned {rc}"
+            rows = [i for i, it in enumerate(items) if it[3]]
+            return np.stack([np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, i), shape=(self.n_vocab,))
+                             .copy() for i in rows]) if rows else np.zeros((0, self.n_vocab), np.float32)
+        finally:
+            llama_cpp.llama_batch_free(batch)
+
+    def run(self, tokens: list[int], pos0: int = 0, seq: int = 0, logits: str = "all") -> np.ndarray:
+        n = len(tokens)
+        return self.decode([(t, pos0 + i, seq, logits == "all" or i == n - 1) for i, t in enumerate(tokens)])
+
+    def state(self) -> bytes:
+        size = llama_cpp.llama_state_get_size(self.ctx)
+        buf = (ctypes.c_uint8 * size)()
+        assert llama_cpp.llama_state_get_data(self.ctx, buf, size) == size
+        return bytes(buf)
+
+    def set_state(self, data: bytes) -> None:
+        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        assert llama_cpp.llama_state_set_data(self.ctx, buf, len(data)) == len(data)
+
+
+def kld(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
+    """KL(P || Q) per row, in float64."""
+    def logsoftmax(x: np.ndarray) -> np.ndarray:
+        x = x.astype(np.float64)
+        x = x - x.max(axis=-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+    lp, lq = logsoftmax(p_logits), logsoftmax(q_logits)
+    return (np.exp(lp) * (lp - lq)).sum(axis=-1)
+
+
+@pytest.fixture(scope="module")
+def model(smollm2):
+    p = llama_cpp.llama_model_default_params()
+    m = llama_cpp.llama_model_load_from_file(str(smollm2).encode(), p)
+    assert m, f"could not load {smollm2}"
+    yield m
+    llama_cpp.llama_model_free(m)
+
+
+@pytest.fixture(scope="module")
+def tokens(model, wikitext) -> list[int]:
+    text = wikitext.read_text(encoding="utf-8")[:20000].encode()
+    buf = (llama_cpp.llama_token * len(text))()
+    n = llama_cpp.llama_tokenize(llama_cpp.llama_model_get_vocab(model), text, len(text), buf, len(text), True, False)
+    assert n > 1000
+    return list(buf[:n])
+
+
+@pytest.mark.parametrize("rotation", ROTATION)
+def test_state_save_and_load(model, tokens, tmp_path, rotation):
+    """A restored state (from memory, from a file, one sequence's) gives the logits of the run that was saved,
+    bit for bit, and the state holds the cache as NSQ4 (about 4.25/16 of the f16 state)."""
+    prompt, cont = tokens[:200], tokens[200:232]
+    path = tmp_path / "state.bin"
+    with Session(model, rotation=rotation) as s:
+        s.run(prompt, logits="last")
+        state = s.state()
+        assert llama_cpp.llama_state_save_file(s.ctx, str(path).encode(), (llama_cpp.llama_token * len(prompt))(*prompt),
+                                              len(prompt))
+        seq_size = llama_cpp.llama_state_seq_get_size(s.ctx, 0)
+        seq_buf = (ctypes.c_uint8 * seq_size)()
+        assert llama_cpp.llama_state_seq_get_data(s.ctx, seq_buf, seq_size, 0) == seq_size
+        want = s.run(cont, len(prompt))
+        assert np.isfinite(want).all()
+
+        llama_cpp.llama_memory_clear(s.mem, True)
+        s.set_state(state)
+        np.testing.assert_array_equal(s.run(cont, len(prompt)), want, "state restored from memory, same context")
+
+    with Session(model, rotation=rotation) as s:
+        s.set_state(state)
+        np.testing.assert_array_equal(s.run(cont, len(prompt)), want, "state restored from memory, new context")
+    with Session(model, rotation=rotation) as s:
+        out = (llama_cpp.llama_token * 1024)()
+        n_out = ctypes.c_size_t(0)
+        assert llama_cpp.llama_state_load_file(s.ctx, str(path).encode(), out, 1024, ctypes.byref(n_out))
+        assert list(out[: n_out.value]) == prompt
+        np.testing.assert_array_equal(s.run(cont, len(prompt)), want, "state restored from a file")
+    with Session(model, rotation=rotation) as s:
+        assert llama_cpp.llama_state_seq_set_data(s.ctx, seq_buf, seq_size, 0) == seq_size
+        np.testing.assert_array_equal(s.run(cont, len(prompt)), want, "one sequence's state restored")
+
+    with Session(model, cache="f16", rotation=rotation) as f16:
+        f16.run(prompt, logits="last")
+        f16_size = len(f16.state())
+    ratio = len(state) / f16_size
+    print(f"state: nsq4 {len(state)} bytes, f16 {f16_size} bytes ({ratio:.3f})")
+    assert 4.25 / 16 <= ratio < 0.3, "the state should hold the cache in NSQ4"
+
+
+@pytest.mark.parametrize("rotation", ROTATION)
+def test_seq_rm_then_decode_again(model, tokens, rotation):
+    """Removing the tail of a sequence and decoding other tokens there gives the logits of a run that never had the
+    removed tokens (the freed NSQ4 cells are overwritten, nothing stale is read)."""
+    k, junk, rest = tokens[:120], tokens[500:560], tokens[120:180]
+    with Session(model, rotation=rotation) as fresh:
+        fresh.run(k, logits="last")
+        want = fresh.run(rest, len(k))
+    with Session(model, rotation=rotation) as s:
+        s.run(k, logits="last")
+        s.run(junk, len(k), logits="last")
+        assert llama_cpp.llama_memory_seq_rm(s.mem, 0, len(k), -1)
+        assert llama_cpp.llama_memory_seq_pos_max(s.mem, 0) == len(k) - 1
+        got = s.run(rest, len(k))
+    diff = np.abs(got - want).max()
+    print(f"seq_rm: max |logit diff| {diff:.3g}")
+    np.testing.assert_array_equal(got, want)
