@@ -149,8 +149,8 @@ def test_state_save_and_load(model, tokens, tmp_path, rotation):
     with Session(model, rotation=rotation) as s:
         s.run(prompt, logits="last")
         state = s.state()
-        assert llama_cpp.llama_state_save_file(s.ctx, str(path).encode(), (llama_cpp.llama_token * len(prompt))(*prompt),
-                                              len(prompt))
+        saved_tokens = (llama_cpp.llama_token * len(prompt))(*prompt)
+        assert llama_cpp.llama_state_save_file(s.ctx, str(path).encode(), saved_tokens, len(prompt))
         seq_size = llama_cpp.llama_state_seq_get_size(s.ctx, 0)
         seq_buf = (ctypes.c_uint8 * seq_size)()
         assert llama_cpp.llama_state_seq_get_data(s.ctx, seq_buf, seq_size, 0) == seq_size

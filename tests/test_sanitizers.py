@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from test_simd import check_kernels, need, run, test_inputs
+import test_simd
+from test_simd import check_kernels, need, run
 
 SAN_FLAGS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fsanitize-recover=alignment",
              "-fno-omit-frame-pointer"]
@@ -76,7 +77,7 @@ def sanitizer_inputs() -> dict[str, np.ndarray]:
 
     corpus = sorted((ROOT / "tests" / "fuzz" / "corpus").iterdir())
     x = np.concatenate([nsq4_fuzz.blocks_from_bytes(p.read_bytes()) for p in corpus])
-    return {**test_inputs(), "fuzz corpus": x.reshape(-1, 64)}
+    return {**test_simd.test_inputs(), "fuzz corpus": x.reshape(-1, 64)}
 
 
 @pytest.mark.parametrize("blocks_per_row", [1, 3, 8])
