@@ -2,7 +2,7 @@
 """KV-cache quality table: llama-perplexity's PPL and KL divergence vs an f16 cache, per cache type, with upstream's
 Hadamard rotation on and off, for SmolLM2-135M and Gemma 3 270M.
 
-    python3 bench/quality.py --bin build/tools/bin --out docs/quality
+    python3 bench/quality.py --bin build/tools/bin --out docs/quality-table
 
 Each row is one `llama-perplexity -c C --chunks N -fa on -ctk T -ctv T --kl-divergence` run against the f16 run's
 logits (`--kl-divergence-base`), so every type is scored on the same tokens. "nsq4+calib" runs nsq4 with the K means
@@ -69,7 +69,7 @@ def parse(text: str) -> dict[str, Optional[float]]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bin", type=Path, default=Path("build/tools/bin"), help="folder with llama-perplexity")
-    ap.add_argument("--out", type=Path, default=Path("docs/quality"), help="output prefix: writes OUT.json and OUT.md")
+    ap.add_argument("--out", type=Path, default=Path("docs/quality-table"), help="output prefix: writes OUT.json, OUT.md")
     ap.add_argument("--work", type=Path, default=Path("build/quality"),
                     help="logs, f16 logit files (400 MB per model) and calibrations (default build/quality)")
     ap.add_argument("-f", "--file", type=Path, default=None, help="text (default: ../shared/data/wikitext-2-test.txt)")

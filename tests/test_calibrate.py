@@ -12,7 +12,7 @@ import pytest
 
 from nsq_local import calibrate
 
-from test_tools import perplexity, run
+from test_tools import perplexity
 
 
 @pytest.fixture(scope="module")
