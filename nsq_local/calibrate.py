@@ -60,7 +60,8 @@ def k_means(model: Path, text: str, n_ctx: int = 2048, chunks: int = 2, n_thread
     from nsq_local import capture
 
     with capture.Session(model, n_ctx=8) as s:
-        tokens = s.tokenize(text)
+        # a long text is cut to what the windows need: real vocabularies average well over 2 bytes per token
+        tokens = s.tokenize(text[:16 * n_ctx * chunks])
     windows = [tokens[i:i + n_ctx] for i in range(0, len(tokens), n_ctx)]
     windows = [w for w in windows if len(w) == n_ctx][:chunks] or [tokens[:n_ctx]]
     if len(windows[0]) < 64:

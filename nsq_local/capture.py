@@ -237,8 +237,12 @@ class Session:
         cap = len(data) + 16
         buf = (llama_cpp.llama_token * cap)()
         n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, False)
+        if n < 0:  # a vocabulary can give more tokens than bytes (added special tokens); -n is the count needed
+            cap = -n
+            buf = (llama_cpp.llama_token * cap)()
+            n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, False)
         if n < 0:
-            raise LlamaError(f"tokenization needs {-n} tokens, more than the {cap} expected")
+            raise LlamaError(f"llama_tokenize failed ({n}) on a text of {len(data)} bytes")
         return np.ctypeslib.as_array(buf)[:n].astype(np.int32)
 
     @property

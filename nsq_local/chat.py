@@ -195,7 +195,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     elif args.nsq_calib is None and type_k == "nsq4":
         from nsq_local import calibrate
 
-        calib = calibrate.cached(model)
+        try:
+            calib = calibrate.cached(model)
+        except (RuntimeError, ValueError) as e:  # capture.LlamaError included
+            print(f"nsq-chat: warning: the NSQ4 calibration failed, so the K cache is not centered: {e}",
+                  file=sys.stderr)
 
     try:
         llm, kv = open_llama(
