@@ -128,3 +128,25 @@ def test_context_shift_keeps_the_mean(smollm2, wikitext, calib, rotation, monkey
     plain, centered = shifted_vs_fresh(None), shifted_vs_fresh(calib)
     # the fresh and the shifted cache hold differently rounded keys, so neither is 0; a lost mean costs far more
     assert centered < max(2 * plain, 0.05), (plain, centered)
+
+
+def test_state_save_and_load_keeps_the_centered_cache(smollm2, wikitext, calib):
+    """A state saved from a centered cache and loaded into a new context with the same calibration continues with
+    exactly the logits of the saved context."""
+    import ctypes
+
+    import llama_cpp
+
+    kw = dict(model_path=str(smollm2), n_ctx=512, n_batch=512, type_k="nsq4", type_v="nsq4", verbose=False,
+              nsq_calib=calib)
+    tokens = llama_cpp.Llama(model_path=str(smollm2), vocab_only=True, verbose=False).tokenize(
+        wikitext.read_text(encoding="utf-8")[:3000].encode())[:200]
+    a = llama_cpp.Llama(**kw)
+    _decode(a, tokens[:180], 0, 1)
+    size = llama_cpp.llama_state_get_size(a.ctx)
+    buf = (ctypes.c_uint8 * size)()
+    assert llama_cpp.llama_state_get_data(a.ctx, buf, size) == size
+    want = _decode(a, tokens[180:], 180, 20)
+    b = llama_cpp.Llama(**kw)
+    assert llama_cpp.llama_state_set_data(b.ctx, buf, size) == size
+    np.testing.assert_array_equal(_decode(b, tokens[180:], 180, 20), want)
