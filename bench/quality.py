@@ -40,8 +40,12 @@ PATTERNS = {
 }
 
 
+def complete(log: Path) -> bool:
+    return log.is_file() and ("Mean    KLD" in log.read_text() or "Final estimate" in log.read_text())
+
+
 def run(cmd: list[str], env: dict[str, str], log: Path) -> str:
-    if log.is_file() and ("Mean    KLD" in log.read_text() or "Final estimate" in log.read_text()):
+    if complete(log):
         return log.read_text()
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -79,6 +83,7 @@ def main() -> int:
     ap.add_argument("--chunks", type=int, default=4)
     ap.add_argument("-t", "--threads", type=int, default=2)
     ap.add_argument("--rot", default="on,off", help="upstream's Hadamard rotation: on, off or on,off")
+    ap.add_argument("--table-only", action="store_true", help="no new runs: tabulate the runs whose logs are complete")
     args = ap.parse_args()
 
     text = args.file or Path(os.environ.get("NSQ_WIKITEXT", Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -98,6 +103,8 @@ def main() -> int:
         common = [str(ppl_bin), "-m", str(model), "-f", str(text), "-c", str(args.ctx_size), "--chunks",
                   str(args.chunks), "-fa", "on", "-t", str(args.threads)]
         print(f"{title}:", file=sys.stderr)
+        if args.table_only and not complete(logs / f"{key}-f16-base.log"):
+            continue
         f16 = parse(run(common + ["-ctk", "f16", "-ctv", "f16", "--kl-divergence-base", str(base)], {},
                         logs / f"{key}-f16-base.log"))
         calibs: dict[str, Path] = {}
@@ -107,7 +114,7 @@ def main() -> int:
                     continue
                 env = {"LLAMA_ATTN_ROT_DISABLE": "1"} if rot == "off" else {}
                 ctype = t.split("+")[0]
-                if "+" in t:
+                if "+" in t and not args.table_only:
                     kind = t.split("+")[1]
                     if kind not in calibs:
                         from nsq_local import calibrate
@@ -121,11 +128,14 @@ def main() -> int:
                                 calibrate.calibrate(model, calibs[kind])
                     env["LLAMA_NSQ_CALIB"] = str(calibs[kind])
                 name = f"{key}-{t.replace('+', '-')}-rot{rot}"
+                if args.table_only and not complete(logs / f"{name}.log"):
+                    continue
                 r = parse(run(common + ["-ctk", ctype, "-ctv", ctype, "--kl-divergence-base", str(base),
                                         "--kl-divergence"], env, logs / f"{name}.log"))
                 rows.append({"model": key, "type": t, "rotation": rot, "bits_per_value": bits_per_value(ctype),
                              "ppl": r["ppl"], "ppl_err": r.get("ppl_err"), "ppl_f16": f16["final"],
-                             "dppl": None if r["ppl"] is None else r["ppl"] - f16["final"],
+                             # ΔPPL against the base PPL of the same run's statistics (the same scored tokens)
+                             "dppl": None if r["ppl"] is None else r["ppl"] - (r["ppl_base"] or f16["final"]),
                              "kld": r["kld"], "kld_err": r.get("kld_err"), "kld99": r["kld99"],
                              "top1": r["top1"], "top1_err": r.get("top1_err")})
                 print(f"  {t:11s} rot {rot:3s}: KLD {r['kld']}", file=sys.stderr)
