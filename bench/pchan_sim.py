@@ -31,15 +31,9 @@ import numpy.typing as npt
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nsq_local import capture, reference  # noqa: E402
+from nsq_local.kv import hadamard, rot_block_k  # noqa: E402
 
 Arr = npt.NDArray[np.float64]
-
-
-def hadamard(n: int) -> Arr:
-    h = np.array([[1.0]])
-    while h.shape[0] < n:
-        h = np.block([[h, h], [h, -h]])
-    return h / np.sqrt(n)
 
 
 def nsq4(x: Arr) -> Arr:
@@ -97,7 +91,8 @@ def main() -> int:
     ev = capture.capture_qkv(args.model, eval_tokens)
     cal = capture.capture_qkv(args.model, calib_tokens)
     n_layer, head_dim = ev.n_layer, ev.k[0].shape[-1]
-    rot = hadamard(head_dim & -head_dim) if args.rot == "on" else None  # upstream: largest power of 2 dividing it
+    block = rot_block_k(head_dim) if args.rot == "on" else None
+    rot = hadamard(block).astype(np.float64) if block else None
     layers = [int(x) for x in args.layers.split(",")] if args.layers else list(range(0, n_layer, 3))
     try:
         w_scales = weight_scales(args.tree, args.model, n_layer, ev.n_head_kv, head_dim)

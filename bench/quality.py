@@ -41,7 +41,8 @@ PATTERNS = {
 
 
 def complete(log: Path) -> bool:
-    return log.is_file() and ("Mean    KLD" in log.read_text() or "Final estimate" in log.read_text())
+    text = log.read_text() if log.is_file() else ""
+    return "Mean    KLD" in text or "Final estimate" in text
 
 
 def run(cmd: list[str], env: dict[str, str], log: Path) -> str:

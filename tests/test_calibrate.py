@@ -12,6 +12,7 @@ import pytest
 
 from nsq_local import calibrate
 
+from test_reliability import kld
 from test_tools import perplexity
 
 
@@ -94,12 +95,6 @@ def _decode(llm, tokens: list[int], pos0: int, n_out: int) -> np.ndarray:
         llama_cpp.llama_batch_free(batch)
 
 
-def _kld(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
-    lp = p_logits - np.logaddexp.reduce(p_logits, axis=-1, keepdims=True)
-    lq = q_logits - np.logaddexp.reduce(q_logits, axis=-1, keepdims=True)
-    return float(np.mean(np.sum(np.exp(lp) * (lp - lq), axis=-1)))
-
-
 @pytest.mark.parametrize("rotation", ["on", "off"])
 def test_context_shift_keeps_the_mean(smollm2, wikitext, calib, rotation, monkeypatch):
     """Drop the first 128 of 384 tokens, shift the rest to position 0 (llama.cpp re-ropes the stored NSQ4 keys), go
@@ -123,7 +118,7 @@ def test_context_shift_keeps_the_mean(smollm2, wikitext, calib, rotation, monkey
         llama_cpp.llama_memory_seq_add(mem, 0, 128, -1, -128)
         shifted = _decode(llm, tail, 256, len(tail))
         fresh = llama_cpp.Llama(**kw)
-        return _kld(_decode(fresh, head[128:] + tail, 0, len(tail)), shifted)
+        return float(kld(_decode(fresh, head[128:] + tail, 0, len(tail)), shifted).mean())
 
     plain, centered = shifted_vs_fresh(None), shifted_vs_fresh(calib)
     # the fresh and the shifted cache hold differently rounded keys, so neither is 0; a lost mean costs far more
