@@ -31,6 +31,8 @@ from typing import Optional, Sequence
 import numpy as np
 import numpy.typing as npt
 
+from nsq_local.reference import QK
+
 CALIB_ENV = "LLAMA_NSQ_CALIB"
 
 # modules whose docstrings make the built-in calibration text: stable, long, and in every Python install
@@ -54,33 +56,40 @@ def builtin_text() -> str:
     return "\n\n".join(p.strip() for p in parts if p.strip())
 
 
+class HeadSizeError(ValueError):
+    """The model's K head size is not a multiple of NSQ4's block: no nsq4 K cache to calibrate for."""
+
+
 def k_means(model: Path, text: str, n_ctx: int = 2048, chunks: int = 2, n_threads: Optional[int] = None,
             progress: bool = True) -> tuple[list[npt.NDArray[np.float32]], int]:
     """Mean post-RoPE K vector of each layer, flattened (n_head_kv*head_dim), over `chunks` windows of n_ctx tokens."""
     from nsq_local import capture
 
-    with capture.Session(model, n_ctx=8) as s:
-        # a long text is cut to what the windows need: real vocabularies average well over 2 bytes per token
-        tokens = s.tokenize(text[:16 * n_ctx * chunks])
-    windows = [tokens[i:i + n_ctx] for i in range(0, len(tokens), n_ctx)]
-    windows = [w for w in windows if len(w) == n_ctx][:chunks] or [tokens[:n_ctx]]
-    if len(windows[0]) < 64:
-        raise ValueError(f"the calibration text has only {len(tokens)} tokens; give a longer text with -f")
     sums: list[npt.NDArray[np.float64]] = []
     count = 0
-    for i, window in enumerate(windows):
-        t0 = time.time()
-        qkv = capture.capture_qkv(model, window, n_threads=n_threads)
-        for il, k in enumerate(qkv.k):
-            flat = k.reshape(k.shape[0], -1).astype(np.float64).sum(axis=0)
-            if i == 0:
-                sums.append(flat)
-            else:
-                sums[il] += flat
-        count += len(window)
-        if progress:
-            print(f"nsq-calibrate: window {i + 1}/{len(windows)} ({len(window)} tokens, {time.time() - t0:.1f} s)",
-                  file=sys.stderr)
+    with capture.Capturer(model, n_ctx, parts="k", n_threads=n_threads) as cap:
+        head = cap.session.n_embd_head_k
+        if head % QK:
+            raise HeadSizeError(f"{Path(model).name} has K head size {head}, not a multiple of NSQ4's {QK}-value "
+                                "block: an nsq4 K cache cannot hold it, so there is nothing to calibrate")
+        # a long text is cut to what the windows need: real vocabularies average well over 2 bytes per token
+        tokens = cap.session.tokenize(text[:16 * n_ctx * chunks])
+        windows = [tokens[i:i + n_ctx] for i in range(0, len(tokens), n_ctx)]
+        windows = [w for w in windows if len(w) == n_ctx][:chunks] or [tokens[:n_ctx]]
+        if len(windows[0]) < 64:
+            raise ValueError(f"the calibration text has only {len(tokens)} tokens; give a longer text with -f")
+        for i, window in enumerate(windows):
+            t0 = time.time()
+            for il, k in enumerate(cap.run(window).k):
+                flat = k.reshape(k.shape[0], -1).astype(np.float64).sum(axis=0)
+                if i == 0:
+                    sums.append(flat)
+                else:
+                    sums[il] += flat
+            count += len(window)
+            if progress:
+                print(f"nsq-calibrate: window {i + 1}/{len(windows)} ({len(window)} tokens, "
+                      f"{time.time() - t0:.1f} s)", file=sys.stderr)
     return [(s / count).astype(np.float32) for s in sums], count
 
 

