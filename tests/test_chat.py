@@ -75,6 +75,7 @@ def test_ctrl_c_stops_the_answer_not_the_program(nsq_chat):
     with session(nsq_chat, "--temp", "0", "-n", "400", "-c", "1024", "-t", "2") as child:
         child.expect_exact("> ")
         child.sendline("Write a long story about a dragon.")
+        child.expect_exact("dragon.\r\n")  # the terminal's echo of the line, which must not pass for the answer
         child.expect(r"\w+ \w+ \w+")  # the answer is streaming
         child.sendintr()
         child.expect_exact("[stopped]")

@@ -358,12 +358,16 @@ def test_missing_model_file_python():
 
 
 def test_missing_model_file_perplexity(tool, wikitext):
+    """Every time: upstream's log thread lost the message of a tool that failed this early in about half the runs
+    (patch 0008 writes the log out at exit)."""
     import subprocess
 
-    proc = subprocess.run([str(tool("llama-perplexity")), "-m", "/no/such/model.gguf", "-f", str(wikitext),
-                           "-ctk", "nsq4", "-ctv", "nsq4", "-fa", "on"], capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0
-    assert "/no/such/model.gguf" in proc.stderr and "No such file or directory" in proc.stderr, proc.stderr[-2000:]
+    for _ in range(20):
+        proc = subprocess.run([str(tool("llama-perplexity")), "-m", "/no/such/model.gguf", "-f", str(wikitext),
+                               "-ctk", "nsq4", "-ctv", "nsq4", "-fa", "on"], capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode != 0
+        assert "/no/such/model.gguf" in proc.stderr and "No such file or directory" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_head_size_error_in_perplexity(tool, head80_model, wikitext):
