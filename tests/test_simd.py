@@ -226,8 +226,8 @@ def test_aarch64_quantize_fns(aarch64_check):
 
 
 # Flash attention over an NSQ4 cache, per CPU path: (DK, DV, query rows, KV cells, heads, KV heads, softcap,
-# threads). Decode (one query row) over 512+ cells takes the split-KV path, which groups the query heads of a KV
-# head (GQA) to decode each row once; fewer cells take one_chunk; 64+ query rows take the tiled path.
+# threads). Decode (one query row) over 512+ cells takes the split-KV path (each thread a range of cells, merged
+# after); fewer cells take one_chunk; 64+ query rows take the tiled path. GQA shapes check the query-to-KV head map.
 FATTN_CASES = {
     "split-gqa4-d256": (256, 256, 1, 1024, 4, 1, 0.0, 2),
     "split-gqa3-d64-3threads": (64, 64, 1, 1536, 9, 3, 0.0, 3),

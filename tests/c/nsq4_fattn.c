@@ -1,7 +1,6 @@
 // Runs the CPU backend's flash attention (ggml_flash_attn_ext) over an NSQ4 K and V written from Python, so that
 // tests/test_simd.py can compare every CPU path NSQ4 takes with an attention computed in float64 from the reference
-// dequantization: decode with a long cache (split-KV path, query heads grouped per KV head), decode with a short one
-// (one_chunk), prefill (tiled).
+// dequantization: decode with a long cache (split-KV path), decode with a short one (one_chunk), prefill (tiled).
 //
 //   nsq4_fattn DIR DK DV N_Q N_KV N_HEAD N_HEAD_KV SCALE SOFTCAP N_THREADS
 //
