@@ -79,7 +79,7 @@ def sanitizer_inputs() -> dict[str, np.ndarray]:
 
     corpus = sorted((ROOT / "tests" / "fuzz" / "corpus").iterdir())
     x = np.concatenate([nsq4_fuzz.blocks_from_bytes(p.read_bytes()) for p in corpus])
-    return {**test_simd.test_inputs(), "fuzz corpus": x.reshape(-1, 64)}
+    return {**test_simd.kernel_inputs(), "fuzz corpus": x.reshape(-1, 64)}
 
 
 @pytest.mark.parametrize("blocks_per_row", [1, 3, 8])

@@ -118,7 +118,7 @@ def aarch64_check(request, tmp_path_factory) -> list[str]:
     return [qemu, "-L", str(AARCH64_SYSROOT), str(exe)]
 
 
-def test_inputs() -> dict[str, np.ndarray]:
+def kernel_inputs() -> dict[str, np.ndarray]:
     """Blocks for the kernels: random, adversarial, and values exactly on the code thresholds and grid ties."""
     rng = np.random.default_rng(11)
     # xg = 16*xg > (kv[m]+kv[m+1])*S holds with equality when xg = mid*S/16; a block whose max is 2047 puts
@@ -195,7 +195,7 @@ def test_tables_within_simd_bounds():
 @pytest.mark.parametrize("blocks_per_row", range(1, 10))
 @pytest.mark.parametrize("kind", ["random", "adversarial", "thresholds", "grid ties"])
 def test_native_kernels(native_check, tmp_path, kind, blocks_per_row):
-    x = test_inputs()[kind]
+    x = kernel_inputs()[kind]
     rows = x.shape[0] // blocks_per_row
     check_kernels(native_check, tmp_path, x[: rows * blocks_per_row], blocks_per_row * ref.QK)
 
@@ -203,7 +203,7 @@ def test_native_kernels(native_check, tmp_path, kind, blocks_per_row):
 @pytest.mark.parametrize("blocks_per_row", [1, 2, 7])
 @pytest.mark.parametrize("kind", ["random", "adversarial", "thresholds", "grid ties"])
 def test_avx512_kernels(avx512_check, tmp_path, kind, blocks_per_row):
-    x = test_inputs()[kind]
+    x = kernel_inputs()[kind]
     rows = x.shape[0] // blocks_per_row
     check_kernels(avx512_check, tmp_path, x[: rows * blocks_per_row], blocks_per_row * ref.QK)
 
@@ -211,7 +211,7 @@ def test_avx512_kernels(avx512_check, tmp_path, kind, blocks_per_row):
 @pytest.mark.parametrize("blocks_per_row", [1, 2, 7])
 @pytest.mark.parametrize("kind", ["random", "adversarial", "thresholds", "grid ties"])
 def test_aarch64_kernels(aarch64_check, tmp_path, kind, blocks_per_row):
-    x = test_inputs()[kind]
+    x = kernel_inputs()[kind]
     rows = x.shape[0] // blocks_per_row
     check_kernels(aarch64_check, tmp_path, x[: rows * blocks_per_row], blocks_per_row * ref.QK)
 
