@@ -11,7 +11,9 @@ in the KV cache.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,25 +100,32 @@ class Chat:
                 + (f", K centered ({Path(self.llm.nsq_calib).name})" if self.llm.nsq_calib else ""))
 
     def answer(self, text: str) -> bool:
-        """Stream an answer to `text`; False when the context is full."""
+        """Stream an answer to `text`; False when the context is full. Ctrl-C ends the answer, not the program."""
         import llama_cpp
 
         self.history.append({"role": "user", "content": text})
         parts: list[str] = []
         llama_cpp.llama_perf_context_reset(self.llm.ctx)
         start = time.perf_counter()
+        # A flag, not KeyboardInterrupt: Python prints and drops an exception raised while it runs a finalizer or
+        # a ctypes callback, and twice in CI a Ctrl-C left the answer running to its end.
+        interrupted = threading.Event()
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.set())
+        stream = None
         try:
             # the whole history goes in; llama_cpp keeps the cached prefix and evaluates only the new tokens
-            for chunk in self.llm.create_chat_completion(messages=self.history, max_tokens=self.args.n_predict,
-                                                         temperature=self.args.temp, stream=True):
+            stream = self.llm.create_chat_completion(messages=self.history, max_tokens=self.args.n_predict,
+                                                     temperature=self.args.temp, stream=True)
+            for chunk in stream:
                 piece = chunk["choices"][0]["delta"].get("content")
                 if piece:
                     parts.append(piece)
                     print(piece, end="", flush=True)
                 if chunk["choices"][0].get("finish_reason") == "length" and self.context_left() <= 0:
                     print("\n[the context is full: /reset to start a new conversation]", end="")
-        except KeyboardInterrupt:
-            print(" [stopped]", end="")
+                if interrupted.is_set():
+                    print(" [stopped]", end="")
+                    break
         except ValueError as e:
             if "exceed context window" not in str(e):
                 raise
@@ -124,6 +133,10 @@ class Chat:
             print(f"[the context is full ({self.llm.n_tokens} of {self.llm.n_ctx()} tokens): "
                   "/reset to start a new conversation]")
             return False
+        finally:
+            if stream is not None:
+                stream.close()
+            signal.signal(signal.SIGINT, previous)
         print(flush=True)
         perf = llama_cpp.llama_perf_context(self.llm.ctx)
         self.last = TurnStats(perf.n_p_eval, perf.n_eval, perf.t_p_eval_ms / 1e3, perf.t_eval_ms / 1e3)

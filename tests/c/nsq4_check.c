@@ -5,7 +5,9 @@
 //                                         K.Q reads Q unrounded) and take the dot product of every K-value row:
 //                                         writes OUT_PREFIX.nsq4, .y (Y as vec_dot read it) and .dot (float32);
 //                                         and .mad: each Y row plus its quantized X row times the row's first Y
-//                                         value, by the fused V accumulation of flash attention
+//                                         value, by the fused V accumulation of flash attention; .doth and .madh:
+//                                         the same for NSQ4_HEADS query heads sharing each X row (grouped-query
+//                                         attention's kernels), head h reading Y row (r + h) mod rows
 //   nsq4_check --bench TYPE N REPS        from_float throughput of TYPE over N float32 values, in GB/s of input
 #define _POSIX_C_SOURCE 199309L // clock_gettime
 #include "ggml.h"
@@ -16,8 +18,13 @@
 #include <string.h>
 #include <time.h>
 
-// ggml-cpu's own (quants.h is internal): flash attention's V accumulation, y += dequantized x * v
+// ggml-cpu's own (quants.h is internal): flash attention's V accumulation, y += dequantized x * v, and the K.Q and V
+// accumulation of nh query heads that share one row, head h at y + h*ys
 void ggml_vec_mad_nsq4(int n, float * y, const void * vx, float v);
+void ggml_vec_dot_nsq4_f32_heads(int n, float * s, const void * vx, const float * y, size_t ys, int nh);
+void ggml_vec_mad_nsq4_heads(int n, float * y, size_t ys, const void * vx, const float * v, int nh);
+
+enum { NSQ4_HEADS = 5 }; // one group of four and one head more
 
 static void * read_file(const char * path, size_t * size) {
     FILE * f = fopen(path, "rb");
@@ -108,15 +115,29 @@ int main(int argc, char ** argv) {
     float * dot = malloc(nrows*sizeof(float));
     float * mad = malloc(nx);
     memcpy(mad, y, nx);
+    float * doth = malloc(NSQ4_HEADS*nrows*sizeof(float));
+    float * madh = malloc(NSQ4_HEADS*nx);
     for (int64_t r = 0; r < nrows; ++r) {
         nsq4->from_float(x + r*k, qx + r*xrow, k);
         vdt->from_float(y + r*k, qy + r*yrow, k);
         nsq4->vec_dot((int) k, &dot[r], 0, qx + r*xrow, 0, qy + r*yrow, 0, 1);
         ggml_vec_mad_nsq4((int) k, mad + r*k, qx + r*xrow, y[r*k]);
     }
+    for (int64_t r = 0; r < nrows; ++r) {
+        float * heads = madh + r*NSQ4_HEADS*k;
+        float   v[NSQ4_HEADS];
+        for (int h = 0; h < NSQ4_HEADS; ++h) {
+            memcpy(heads + h*k, y + (r + h) % nrows * k, k*sizeof(float));
+            v[h] = heads[h*k];
+        }
+        ggml_vec_dot_nsq4_f32_heads((int) k, doth + r*NSQ4_HEADS, qx + r*xrow, heads, k, NSQ4_HEADS);
+        ggml_vec_mad_nsq4_heads((int) k, heads, k, qx + r*xrow, v, NSQ4_HEADS);
+    }
     write_file(argv[4], "nsq4", qx, nrows*xrow);
     write_file(argv[4], "y", qy, nrows*yrow);
     write_file(argv[4], "dot", dot, nrows*sizeof(float));
     write_file(argv[4], "mad", mad, nx);
+    write_file(argv[4], "doth", doth, NSQ4_HEADS*nrows*sizeof(float));
+    write_file(argv[4], "madh", madh, NSQ4_HEADS*nx);
     return 0;
 }
