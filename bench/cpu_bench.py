@@ -1,5 +1,7 @@
 """CPU speed of the NSQ4 KV cache against f16, q8_0 and q4_0: llama-bench prefill and decode with flash attention
-at depth 0 and a deep context, plus from_float (set_rows) throughput of nsq4 and q4_0, against issue #5's goals.
+at depth 0 and a deep context, plus from_float (set_rows) throughput of nsq4 and q4_0, against issue #5's goals, and
+the decode attention op alone (one ggml_flash_attn_ext call at the models' shapes, tests/c/nsq4_fattn.c --bench),
+whose median over many calls is steadier than end-to-end t/s on a shared machine.
 
     python3 bench/cpu_bench.py --bin build/tools/bin --tree build/upstream [-m M.gguf ...] [--json out.json]
 
@@ -27,6 +29,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CHECK_SRC = ROOT / "tests" / "c" / "nsq4_check.c"
+FATTN_SRC = ROOT / "tests" / "c" / "nsq4_fattn.c"
+
+# decode attention at depth 4096 as llama-bench runs it (cells padded to 256, K and V of one head size): label, head
+# size, cells, cells the mask lets through, query heads, KV heads
+ATTN_SHAPES = [
+    ("SmolLM2 layer", 64, 4352, 4096, 9, 3),
+    ("Gemma 3 270M global layer", 256, 4352, 4096, 4, 1),
+    ("Gemma 3 270M sliding-window layer", 256, 1024, 512, 4, 1),
+]
 
 # issue #5: ratio of nsq4 to a baseline type, per test ("pp"/"tg"/"quantize") at the deep context
 GOALS = [("tg", "q4_0", 1.0), ("tg", "f16", 1.0), ("pp", "q4_0", 0.9)]
@@ -57,23 +68,49 @@ def llama_bench(prefix: list[str], bin_dir: Path, model: Path, cache_type: str, 
     return records
 
 
-def quantize_throughput(prefix: list[str], cc: str, bin_dir: Path, tree: Path, types: list[str], n: int,
-                        reps: int) -> dict[str, float]:
-    """GB/s of float32 input through the CPU backend's from_float, best of reps (tests/c/nsq4_check.c --bench)."""
+def compile_c(src: Path, cc: str, bin_dir: Path, tree: Path, out_dir: str) -> Path:
+    """src built against the ggml libraries in bin_dir and the headers of the patched tree."""
     include = tree / "vendor" / "llama.cpp" / "ggml" / "include"
     if not include.is_dir():
         sys.exit(f"{include} is missing: pass the patched tree with --tree (python3 ggml_patch/prepare.py --dest DIR)")
-    with tempfile.TemporaryDirectory(prefix="nsq4-bench-") as tmp:
-        exe = Path(tmp) / "nsq4_check"
-        subprocess.run([cc, "-O2", "-std=c11", str(CHECK_SRC), "-I", str(include), "-L", str(bin_dir),
-                        "-lggml-cpu", "-lggml-base", "-lm", f"-Wl,-rpath,{bin_dir}", "-o", str(exe)], check=True)
-        out = {}
-        for t in types:
-            r = subprocess.run([*prefix, str(exe), "--bench", t, str(n), str(reps)], check=True, capture_output=True,
-                               text=True)
-            name, gbs = r.stdout.split()
-            out[name] = float(gbs)
-        return out
+    exe = Path(out_dir) / src.stem
+    subprocess.run([cc, "-O2", "-std=c11", str(src), "-I", str(include), "-L", str(bin_dir), "-lggml-cpu",
+                    "-lggml-base", "-lm", f"-Wl,-rpath,{bin_dir}", "-o", str(exe)], check=True)
+    return exe
+
+
+def run_bench(prefix: list[str], exe: Path, *args) -> float:
+    """A --bench run's figure: it prints its type's name and one number."""
+    r = subprocess.run([*prefix, str(exe), "--bench", *map(str, args)], check=True, capture_output=True, text=True)
+    return float(r.stdout.split()[1])
+
+
+def quantize_throughput(prefix: list[str], exe: Path, types: list[str], n: int, reps: int) -> dict[str, float]:
+    """GB/s of float32 input through the CPU backend's from_float, best of reps (tests/c/nsq4_check.c --bench)."""
+    return {t: run_bench(prefix, exe, t, n, reps) for t in types}
+
+
+def attention_op(prefix: list[str], exe: Path, types: list[str], threads: int,
+                 reps: int) -> dict[str, dict[str, float]]:
+    """Median microseconds of one decode attention call per shape and type (tests/c/nsq4_fattn.c --bench)."""
+    out: dict[str, dict[str, float]] = {}
+    for label, d, n_kv, n_live, n_head, n_head_kv in ATTN_SHAPES:
+        out[label] = {t: run_bench(prefix, exe, t, d, n_kv, n_live, n_head, n_head_kv, threads, reps) for t in types}
+    return out
+
+
+def attention_table(us: dict[str, dict[str, float]], types: list[str], threads: int) -> str:
+    shapes = {label: (d, n_kv, n_live, n_head, n_head_kv) for label, d, n_kv, n_live, n_head, n_head_kv in ATTN_SHAPES}
+    rows = [f"| decode attention, {threads} threads | head size | cells (live) | heads (KV) | "
+            + " | ".join(f"{t} us" for t in types) + " | nsq4 vs q4_0 | nsq4 vs f16 |",
+            "|---|---:|---:|---:|" + "---:|" * (len(types) + 2)]
+    for label, by_type in us.items():
+        d, n_kv, n_live, n_head, n_head_kv = shapes[label]
+        speedups = [by_type[b] / by_type["nsq4"] if b in by_type else float("nan") for b in ("q4_0", "f16")]
+        rows.append(f"| {label} | {d} | {n_kv} ({n_live}) | {n_head} ({n_head_kv}) | "
+                    + " | ".join(f"{by_type[t]:.1f}" for t in types)
+                    + " | " + " | ".join(f"{v:.2f}x" for v in speedups) + " |")
+    return "\n".join(rows)
 
 
 def test_kind(r: dict) -> str:
@@ -144,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-p", "--n-prompt", type=int, default=512)
     ap.add_argument("-n", "--n-gen", type=int, default=64)
     ap.add_argument("--quant-values", type=int, default=1 << 20, help="values per from_float call")
+    ap.add_argument("--attn-reps", type=int, default=2000, help="calls per attention-op figure (0: skip)")
     ap.add_argument("--json", type=Path, default=Path("cpu_bench.json"), help="where the results go")
     ap.add_argument("--exec-prefix", default="", help="command that runs the binaries, e.g. \"qemu-aarch64 -L "
                     "/usr/aarch64-linux-gnu\" for an aarch64 build (its speeds are the emulator's)")
@@ -182,8 +220,17 @@ def main(argv: list[str] | None = None) -> int:
         print(model_table(results, types), flush=True)
         goals += goal_rows(model.stem, results, types, depths[-1])
 
-    print("[quantize] from_float throughput", file=sys.stderr, flush=True)
-    quant = quantize_throughput(prefix, args.cc, args.bin, args.tree, ["nsq4", "q4_0"], args.quant_values, 20)
+    with tempfile.TemporaryDirectory(prefix="nsq4-bench-") as tmp:
+        check = compile_c(CHECK_SRC, args.cc, args.bin, args.tree, tmp)
+        print("[quantize] from_float throughput", file=sys.stderr, flush=True)
+        quant = quantize_throughput(prefix, check, ["nsq4", "q4_0"], args.quant_values, 20)
+        if args.attn_reps:
+            print("[attention] decode op", file=sys.stderr, flush=True)
+            attn_types = list(dict.fromkeys(t.removesuffix(CALIB) for t in types))
+            attn = attention_op(prefix, compile_c(FATTN_SRC, args.cc, args.bin, args.tree, tmp), attn_types,
+                                args.threads, args.attn_reps)
+            report["attention_us"] = attn
+            print("\n" + attention_table(attn, attn_types, args.threads))
     report["from_float_gbs"] = quant
     print(f"\n| from_float, {args.quant_values} values | GB/s of f32 in |\n|---|---:|")
     for t, g in quant.items():

@@ -242,13 +242,18 @@ def test_aarch64_quantize_fns(aarch64_check):
 # threads). Decode (one query row) over 512+ cells takes the split-KV path (each thread a range of cells, merged
 # after); fewer cells take one_chunk; 64+ query rows take the tiled path. GQA shapes check the query-to-KV head map.
 FATTN_CASES = {
-    # NSQ4 splits a decode's cells between threads from 1024 live (unmasked) cells on; check_fattn masks about a third
+    # A grouped-query decode over NSQ4 splits the live (unmasked) cells between threads at any cache length; without
+    # grouped heads NSQ4 splits from 512 cells on, as f16 does, and takes one_chunk below. check_fattn masks about a
+    # third of the cells.
     "split-gqa4-d256": (256, 256, 1, 2048, 4, 1, 0.0, 2),
     "split-gqa3-d64-3threads": (64, 64, 1, 2048, 9, 3, 0.0, 3),
     "split-mha-d64": (64, 64, 1, 2048, 2, 2, 0.0, 2),
     "split-gqa4-softcap": (128, 128, 1, 2048, 8, 2, 30.0, 2),
     "window-gqa4-d256": (256, 256, 1, 1024, 4, 1, 0.0, 2),
-    "one-chunk-d64": (64, 64, 1, 256, 4, 2, 0.0, 2),
+    "short-gqa2-d64": (64, 64, 1, 256, 4, 2, 0.0, 2),
+    # fewer live cells than threads: a thread with none writes an empty partial
+    "tiny-gqa4-3threads": (64, 64, 1, 4, 4, 1, 0.0, 3),
+    "one-chunk-mha-d64": (64, 64, 1, 256, 4, 4, 0.0, 2),
     "tiled-d64": (64, 64, 80, 512, 4, 2, 0.0, 2),
 }
 
@@ -313,6 +318,6 @@ def test_avx512_flash_attention(avx512_check, tmp_path, case):
     check_fattn(fattn_cmd(avx512_check), tmp_path, case)
 
 
-@pytest.mark.parametrize("case", ["split-gqa4-d256", "one-chunk-d64", "tiled-d64"])
+@pytest.mark.parametrize("case", ["split-gqa4-d256", "short-gqa2-d64", "one-chunk-mha-d64", "tiled-d64"])
 def test_aarch64_flash_attention(aarch64_check, tmp_path, case):
     check_fattn(fattn_cmd(aarch64_check), tmp_path, case)

@@ -83,14 +83,15 @@ def test_llama_bench_accepts_nsq4(tool, smollm2):
 
 def test_cpu_bench_tabulates_every_type(tool, smollm2, upstream_tree, tmp_path):
     """bench/cpu_bench.py end to end at toy sizes (its figures are for a quiet machine, not for a test): one
-    llama-bench per type, the centered nsq4 included, the quantizer's throughput, the goal table and the JSON."""
+    llama-bench per type, the centered nsq4 included, the quantizer's throughput, the attention op at each shape,
+    the goal table and the JSON."""
     import json
     import sys
 
     out = run([sys.executable, Path(__file__).resolve().parent.parent / "bench" / "cpu_bench.py",
                "--bin", tool("llama-bench").parent, "--tree", upstream_tree, "-m", smollm2,
                "--types", "f16,q4_0,nsq4,nsq4+calib", "-d", "0,128", "-p", 16, "-n", 4, "--quant-values", 65536,
-               "--json", tmp_path / "bench.json"])
+               "--attn-reps", 20, "--json", tmp_path / "bench.json"])
     report = json.loads((tmp_path / "bench.json").read_text())
     records = report["models"][str(smollm2)]
     got = {(r["cache"], r["n_prompt"], r["n_gen"], r["n_depth"]) for r in records}
@@ -101,3 +102,7 @@ def test_cpu_bench_tabulates_every_type(tool, smollm2, upstream_tree, tmp_path):
     assert set(report["from_float_gbs"]) == {"nsq4", "q4_0"} and min(report["from_float_gbs"].values()) > 0
     assert len(report["goals"]) == 2 * 3 + 1
     assert "| goal (issue #5) |" in out and "nsq4+calib/f16" in out
+    attn = report["attention_us"]
+    assert len(attn) == 3 and all(set(by_type) == {"f16", "q4_0", "nsq4"} for by_type in attn.values()), attn
+    assert min(us for by_type in attn.values() for us in by_type.values()) > 0
+    assert "| decode attention, " in out
