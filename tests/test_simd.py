@@ -239,12 +239,11 @@ def test_aarch64_quantize_fns(aarch64_check):
 
 
 # Flash attention over an NSQ4 cache, per CPU path: (DK, DV, query rows, KV cells, heads, KV heads, softcap,
-# threads). Decode (one query row) over 512+ cells takes the split-KV path (each thread a range of cells, merged
-# after); fewer cells take one_chunk; 64+ query rows take the tiled path. GQA shapes check the query-to-KV head map.
+# threads). A grouped-query decode (one query row) takes the split-KV path at any cache length (each thread an even
+# share of the live cells, merged after); without grouped heads a decode splits from 512 cells on, as f16 does, and
+# takes one_chunk below; 64+ query rows take the tiled path. GQA shapes check the query-to-KV head map.
+# check_fattn masks about a third of the cells.
 FATTN_CASES = {
-    # A grouped-query decode over NSQ4 splits the live (unmasked) cells between threads at any cache length; without
-    # grouped heads NSQ4 splits from 512 cells on, as f16 does, and takes one_chunk below. check_fattn masks about a
-    # third of the cells.
     "split-gqa4-d256": (256, 256, 1, 2048, 4, 1, 0.0, 2),
     "split-gqa3-d64-3threads": (64, 64, 1, 2048, 9, 3, 0.0, 3),
     "split-mha-d64": (64, 64, 1, 2048, 2, 2, 0.0, 2),
