@@ -14,13 +14,16 @@ from __future__ import annotations
 import argparse
 import filecmp
 import hashlib
+import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
 from pathlib import Path
+from typing import Mapping
 
 HERE = Path(__file__).resolve().parent
 STAMP = ".nsq-prepared"
@@ -66,6 +69,62 @@ def sdist_name(pin: dict[str, str]) -> str:
     return f"{pin['package'].replace('-', '_')}-{pin['version']}.tar.gz"
 
 
+# the build backend of llama-cpp-python's sdist: pip needs it to read the sdist's metadata
+UPSTREAM_BACKEND = "scikit_build_core"
+# uv does not read pip's configuration, and pip does not read uv's: under uv ($UV names the uv binary in the build
+# backends it runs), the indexes the user gave uv through its environment are passed on to pip as pip's own
+UV_INDEX_NAME = re.compile(r"^[A-Za-z0-9._-]+=")  # UV_INDEX entries may be name=url
+
+
+def pip_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    env = dict(environ)
+    if not env.get("UV"):
+        return env
+    default = env.get("UV_DEFAULT_INDEX") or env.get("UV_INDEX_URL")
+    if default:
+        env["PIP_INDEX_URL"] = default
+    extra = [UV_INDEX_NAME.sub("", url)
+             for key in ("UV_INDEX", "UV_EXTRA_INDEX_URL") for url in env.get(key, "").split()]
+    links = [loc.strip() for loc in env.get("UV_FIND_LINKS", "").split(",") if loc.strip()]
+    for key, values in (("PIP_EXTRA_INDEX_URL", extra), ("PIP_FIND_LINKS", links)):
+        if values:
+            env[key] = " ".join([env[key], *values] if env.get(key) else values)
+    return env
+
+
+def pip_message(proc: subprocess.CompletedProcess, keep: int = 8) -> str:
+    """Where pip looked (its stdout says it) and the end of what it reported, indented under our error."""
+    looked = [ln for ln in proc.stdout.splitlines() if ln.startswith("Looking in ")]
+    tail = [ln for ln in proc.stderr.splitlines() if ln.strip()][-keep:]
+    return "\n".join("  " + ln[:400] for ln in looked + tail) or "  (pip printed nothing)"
+
+
+def download_sdist(pin: dict[str, str], cache: Path) -> None:
+    requirement = f"{pin['package']}=={pin['version']}"
+    by_hand = ("download the sdist where a package index is reachable and point NSQ_UPSTREAM_SDIST (or --sdist) "
+               "at it:\n"
+               f"      pip download --no-deps --no-binary {pin['package']} {requirement}\n"
+               f"      NSQ_UPSTREAM_SDIST=$PWD/{sdist_name(pin)} pip install .")
+    if importlib.util.find_spec("pip") is None:
+        raise PrepareError(f"pip is not installed for {sys.executable}, and it fetches the upstream sdist. Either:\n"
+                           f"  - install it: {sys.executable} -m ensurepip\n  - or {by_hand}")
+    print(f"nsq-local: downloading {requirement} (sdist) with pip", file=sys.stderr)
+    # pip only reads the sdist's metadata, but needs the build backend for that: the one already here (a wheel build
+    # of nsq-local has it), else pip installs it into an isolated environment, as a plain `pip download` does
+    isolation = [] if importlib.util.find_spec(UPSTREAM_BACKEND) is None else ["--no-build-isolation"]
+    # --no-input: the output is captured, so a prompt (e.g. for an index's password) would hang the build unseen
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-input", *isolation,
+           "--no-binary", pin["package"], requirement, "-d", str(cache)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=pip_environment(os.environ))
+    if proc.returncode != 0 or not (cache / sdist_name(pin)).is_file():
+        uv_note = ("\n    (under uv, UV_DEFAULT_INDEX, UV_INDEX_URL, UV_INDEX, UV_EXTRA_INDEX_URL and UV_FIND_LINKS "
+                   "reach pip; uv.toml and uv's command-line options do not)" if os.environ.get("UV") else "")
+        raise PrepareError(f"could not download {requirement} (sdist) with pip:\n{pip_message(proc)}\nEither:\n"
+                           "  - check the network and the package index pip is configured with (`pip config list`, "
+                           f"PIP_INDEX_URL, PIP_EXTRA_INDEX_URL, PIP_FIND_LINKS), then build again{uv_note}\n"
+                           f"  - or {by_hand}")
+
+
 def locate_sdist(pin: dict[str, str], explicit: str | None, cache: Path) -> Path:
     if explicit:
         path = Path(explicit).expanduser()
@@ -78,15 +137,7 @@ def locate_sdist(pin: dict[str, str], explicit: str | None, cache: Path) -> Path
     if cached.is_file() and sha256(cached) == pin["sha256"]:
         return cached
     cache.mkdir(parents=True, exist_ok=True)
-    print(f"nsq-local: downloading {pin['package']}=={pin['version']} (sdist) with pip", file=sys.stderr)
-    # --no-build-isolation: pip only reads the sdist's metadata; building its build backend would take minutes
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-build-isolation",
-           "--no-binary", pin["package"], f"{pin['package']}=={pin['version']}", "-d", str(cache)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0 or not cached.is_file():
-        raise PrepareError(f"could not download {pin['package']}=={pin['version']} with pip:\n{proc.stderr.strip()}\n"
-                           "Offline? Point NSQ_UPSTREAM_SDIST (or --sdist) at a downloaded copy of "
-                           f"{sdist_name(pin)}.")
+    download_sdist(pin, cache)
     return cached
 
 

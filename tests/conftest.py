@@ -1,11 +1,33 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# shipped so that a clone runs the tests as it is (tests/data/README.md: source, license, how it was cut);
+# NSQ_WIKITEXT overrides it
+WIKITEXT_HEAD = ROOT / "tests" / "data" / "wikitext-2-test-head.txt"
+
+
+def missing_tool(what: str, install: str) -> NoReturn:
+    """Skips a test whose optional tool is not installed. CI sets NSQ_REQUIRE_ALL_TOOLS=1, which makes it a failure
+    instead, so that a CI machine that lost a tool cannot pass by skipping what needs it."""
+    message = f"{what}: install {install}"
+    if os.environ.get("NSQ_REQUIRE_ALL_TOOLS") == "1":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def require_tool(program: str, install: str) -> str:
+    """The path of an optional program, or missing_tool's skip naming the package that provides it."""
+    path = shutil.which(program)
+    if path is None:
+        missing_tool(f"{program} is not on PATH", install)
+    return path
 
 
 def tools_dir() -> Path:
@@ -36,9 +58,9 @@ def smollm2() -> Path:
 
 @pytest.fixture(scope="session")
 def wikitext() -> Path:
-    p = Path(os.environ.get("NSQ_WIKITEXT", ROOT.parent / "shared" / "data" / "wikitext-2-test.txt"))
+    p = Path(os.environ.get("NSQ_WIKITEXT", WIKITEXT_HEAD))
     if not p.is_file():
-        pytest.fail(f"{p} is missing: set NSQ_WIKITEXT to WikiText-2's test split")
+        pytest.fail(f"{p} is missing: NSQ_WIKITEXT, when set, must name a text file such as WikiText-2's test split")
     return p
 
 
@@ -58,8 +80,8 @@ def upstream_tree() -> Path:
 
 @pytest.fixture(scope="session")
 def nsq_calib(smollm2, wikitext, tmp_path_factory) -> Path:
-    """nsq-calibrate's K means for SmolLM2, from the second half of WikiText-2 test: far from the windows the tests
-    evaluate (they read the text from its start)."""
+    """nsq-calibrate's K means for SmolLM2, from the second half of the WikiText-2 text: far from the windows the
+    tests evaluate (they read the text from its start; the excerpt's second half begins after 12,469 tokens)."""
     from nsq_local import calibrate
 
     text = wikitext.read_bytes().decode("utf-8", errors="replace")

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from nsq_local import reference
+from conftest import missing_tool, require_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 TREE = ROOT / "build" / "upstream"
@@ -42,14 +43,14 @@ UNITS = (
 
 
 def nvcc() -> str:
-    path = shutil.which("nvcc")
-    if path is None:
-        pytest.fail("nvcc is not on PATH: these tests compile the CUDA backend and need the CUDA toolkit")
-    return path
+    return require_tool("nvcc", "the CUDA toolkit, CI's is 13.0 (apt-get install cuda-toolkit-13-0 from NVIDIA's "
+                                "repository, or nvidia-cuda-toolkit from Debian non-free / Ubuntu multiverse)")
 
 
+@pytest.fixture(scope="module")
 def cublas_include() -> Path:
-    """cuBLAS headers from the nvidia-cublas wheel (.ci/run installs it); the toolkit's own when it has them."""
+    """cuBLAS headers from the nvidia-cublas wheel (.ci/run installs it); the toolkit's own when it has them.
+    Looked for before the CMake configure, which takes a minute and is of no use without them."""
     try:
         import nvidia
     except ImportError:
@@ -62,7 +63,7 @@ def cublas_include() -> Path:
     for inc in [toolkit / "include", *toolkit.glob("targets/*/include")]:
         if (inc / "cublas_v2.h").is_file():
             return inc
-    pytest.fail("cublas_v2.h not found: `python3 -m pip install nvidia-cublas`")
+    missing_tool("the cuBLAS headers (cublas_v2.h) are not installed", "nvidia-cublas (pip install nvidia-cublas)")
 
 
 def run(cmd: list, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -127,10 +128,9 @@ def own_warnings(output: str, tree: Path) -> list[str]:
     return [ln for ln in output.splitlines() if "warning" in ln.lower() and str(tree) in ln]
 
 
-def test_cuda_units_compile(tree, compile_commands):
+def test_cuda_units_compile(cublas_include, tree, compile_commands):
     missing = [u for u in UNITS if u not in compile_commands]
     assert not missing, f"not part of the CUDA build: {missing}"
-    include = cublas_include()
     objdir = OUT / "obj"
     objdir.mkdir(parents=True, exist_ok=True)
 
@@ -138,7 +138,7 @@ def test_cuda_units_compile(tree, compile_commands):
         unit, arch = job
         obj = objdir / f"{unit.replace('/', '_')}.sm_{arch}.o"
         t0 = time.monotonic()
-        proc = run(nvcc_command(compile_commands[unit], arch, obj, include))
+        proc = run(nvcc_command(compile_commands[unit], arch, obj, cublas_include))
         return unit, arch, time.monotonic() - t0, proc
 
     jobs = [(u, a) for u in UNITS for a in ARCHS]

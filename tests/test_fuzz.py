@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, missing_tool
 
 FUZZ_DIR = ROOT / "tests" / "fuzz"
 CORPUS = FUZZ_DIR / "corpus"
@@ -52,7 +52,7 @@ def test_corpus_covers_every_input_mode_and_the_special_values():
 
 def test_bounded_fuzz_run(tmp_path):
     if importlib.util.find_spec("atheris") is None:
-        pytest.fail("atheris is not installed: pip install atheris")
+        missing_tool("atheris is not installed", "atheris (pip install atheris)")
     work = tmp_path / "corpus"
     shutil.copytree(CORPUS, work)  # libFuzzer adds the inputs it finds to the first directory: not the repository's
     proc = subprocess.run([sys.executable, str(FUZZ_DIR / "nsq4_fuzz.py"), f"-max_total_time={FUZZ_SECONDS}",

@@ -29,9 +29,27 @@ def sdist() -> Path:
     return prep.locate_sdist(prep.read_pin(), os.environ.get("NSQ_UPSTREAM_SDIST"), cache)
 
 
-def prepare(patch_dir: Path, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(patch_dir / "prepare.py"), *map(str, args)],
-                          capture_output=True, text=True, timeout=600)
+def prepare(patch_dir: Path, *args, python: str = sys.executable,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([python, str(patch_dir / "prepare.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=600, env=env)
+
+
+def fresh_env(tmp_path: Path, **settings: str) -> dict[str, str]:
+    """An empty sdist cache, no sdist given, and no pip or uv configuration but `settings`: what a first install on a
+    machine whose index lacks the sdist sees."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("PIP_", "UV_")) and k not in ("UV", "NSQ_UPSTREAM_SDIST")}
+    env.update(PIP_CONFIG_FILE=os.devnull, NSQ_CACHE_DIR=str(tmp_path / "cache"), **settings)
+    return env
+
+
+def assert_names_both_ways_out(stderr: str) -> None:
+    assert "could not download llama-cpp-python==0.3.36 (sdist) with pip:" in stderr
+    assert "ERROR: No matching distribution found for llama-cpp-python==0.3.36" in stderr, "pip's own message"
+    assert "check the network and the package index pip is configured with (`pip config list`" in stderr
+    assert "pip download --no-deps --no-binary llama-cpp-python llama-cpp-python==0.3.36" in stderr
+    assert "NSQ_UPSTREAM_SDIST=$PWD/llama_cpp_python-0.3.36.tar.gz pip install ." in stderr
 
 
 def test_prepares_once_and_is_idempotent(sdist, tmp_path):
@@ -98,3 +116,51 @@ def test_changed_inputs_rewrite_only_files_that_differ(sdist, tmp_path):
     assert untouched.stat().st_mtime == 0, "an unchanged file must keep its time stamp (incremental builds)"
     assert "GGML_TYPE_NSQ4" in patched.read_text()
     assert not (dest / "stray.txt").exists()
+
+
+def test_download_failure_shows_pip_and_both_ways_out(tmp_path):
+    links = tmp_path / "no-packages-here"
+    links.mkdir()
+    env = fresh_env(tmp_path, PIP_NO_INDEX="1", PIP_FIND_LINKS=str(links))
+    proc = prepare(PATCH_DIR, "--dest", tmp_path / "tree", env=env)
+    assert proc.returncode == 1
+    assert "downloading llama-cpp-python==0.3.36 (sdist) with pip" in proc.stderr
+    assert f"Looking in links: {links}" in proc.stderr, "where pip looked"
+    assert_names_both_ways_out(proc.stderr)
+    assert "under uv" not in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "tree").exists() and not list((tmp_path / "cache").iterdir())
+
+
+def test_uv_index_settings_reach_pip(tmp_path):
+    default, extra, links = (tmp_path / name for name in ("default-index", "extra-index", "links"))
+    for d in (default, extra, links):
+        d.mkdir()
+    # uv sets $UV in the build backends it runs; its index settings then have to reach the pip that prepare.py runs
+    env = fresh_env(tmp_path, UV="uv", UV_DEFAULT_INDEX=default.as_uri(),
+                    UV_INDEX=f"mine={extra.as_uri()}", UV_FIND_LINKS=f"{links},{links}")
+    proc = prepare(PATCH_DIR, "--dest", tmp_path / "tree", env=env)
+    assert proc.returncode == 1
+    assert f"Looking in indexes: {default.as_uri()}, {extra.as_uri()}" in proc.stderr
+    assert f"Looking in links: {links}, {links}" in proc.stderr
+    assert_names_both_ways_out(proc.stderr)
+    assert "under uv, UV_DEFAULT_INDEX" in proc.stderr and "uv.toml" in proc.stderr
+
+
+def test_uv_settings_are_left_to_uv_outside_it():
+    prep = load_prepare()
+    pip_config = {"PIP_INDEX_URL": "file:///pip", "PIP_FIND_LINKS": "/pip"}
+    uv_config = {"UV_DEFAULT_INDEX": "file:///uv", "UV_FIND_LINKS": "/uv,/uv2", "UV_EXTRA_INDEX_URL": "file:///x"}
+    assert prep.pip_environment({**pip_config, **uv_config}) == {**pip_config, **uv_config}
+    under_uv = prep.pip_environment({"UV": "uv", **pip_config, **uv_config})
+    assert under_uv["PIP_INDEX_URL"] == "file:///uv" and under_uv["PIP_FIND_LINKS"] == "/pip /uv /uv2"
+    assert under_uv["PIP_EXTRA_INDEX_URL"] == "file:///x"
+
+
+def test_missing_pip_names_the_fix(tmp_path):
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    proc = prepare(PATCH_DIR, "--dest", tmp_path / "tree", python=str(python), env=fresh_env(tmp_path))
+    assert proc.returncode == 1
+    assert f"pip is not installed for {python}" in proc.stderr and "-m ensurepip" in proc.stderr
+    assert "pip download --no-deps --no-binary llama-cpp-python llama-cpp-python==0.3.36" in proc.stderr

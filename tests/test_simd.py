@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from nsq_local import reference as ref
-from conftest import ROOT, tools_dir
+from conftest import ROOT, require_tool, tools_dir
 from test_reference import adversarial_blocks, random_blocks
 
 CHECK_SRC = ROOT / "tests" / "c" / "nsq4_check.c"
@@ -32,6 +32,7 @@ def upstream_tree() -> Path:
 
 
 def need(tool: str, hint: str) -> str:
+    """A program that every machine with the README's prerequisites has: missing, it fails the test."""
     path = shutil.which(tool)
     if path is None:
         pytest.fail(f"{tool} is not installed: {hint}")
@@ -98,9 +99,9 @@ def avx512_check(tmp_path_factory) -> list[str]:
 
 @pytest.fixture(scope="session", params=list(AARCH64_ARCHS))
 def aarch64_check(request, tmp_path_factory) -> list[str]:
-    cc = need("aarch64-linux-gnu-gcc", APT_HINT)
-    cxx = need("aarch64-linux-gnu-g++", APT_HINT)
-    qemu = need("qemu-aarch64", APT_HINT)
+    cc = require_tool("aarch64-linux-gnu-gcc", f"gcc-aarch64-linux-gnu ({APT_HINT})")
+    cxx = require_tool("aarch64-linux-gnu-g++", f"g++-aarch64-linux-gnu ({APT_HINT})")
+    qemu = require_tool("qemu-aarch64", f"qemu-user ({APT_HINT})")
     out = tmp_path_factory.mktemp(f"aarch64-{request.param}")
     toolchain = out / "toolchain.cmake"
     toolchain.write_text("set(CMAKE_SYSTEM_NAME Linux)\nset(CMAKE_SYSTEM_PROCESSOR aarch64)\n"
