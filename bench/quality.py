@@ -5,10 +5,11 @@ Hadamard rotation on and off, for SmolLM2-135M and Gemma 3 270M.
     python3 bench/quality.py --bin build/tools/bin --out docs/quality-table
 
 Each row is one `llama-perplexity -c C --chunks N -fa on -ctk T -ctv T --kl-divergence` run against the f16 run's
-logits (`--kl-divergence-base`), so every type is scored on the same tokens. "nsq4+calib" runs nsq4 with the K means
-of `nsq-calibrate` (LLAMA_NSQ_CALIB) from its default text, Python's standard-library documentation (what nsq-chat
-uses); "nsq4+textcalib" calibrates on the second half of the evaluated text, which the evaluated windows (its start)
-never reach: in-domain calibration, as `nsq-calibrate -f` gives it. Logs are kept in --work; a run whose log is
+logits (`--kl-divergence-base`), so every type is scored on the same tokens. "nsq4" is nsq4 as shipped: K centered
+(`--nsq-calib`) by the calibration that `llama_cpp.Llama(type_k="nsq4")` and nsq-chat make by default (Python's
+standard-library documentation, kept in the nsq-local cache folder); "nsq4-uncentered" is the same cache without
+centering; "nsq4+textcalib" calibrates on the second half of the evaluated text, which the evaluated windows (its
+start) never reach: in-domain calibration, as `nsq-calibrate -f` gives it. Logs are kept in --work; a run whose log is
 complete is not repeated (delete it to re-run). Writes OUT.json and OUT.md. Rotation does not apply to f16, which
 is listed once.
 """
@@ -24,12 +25,16 @@ import time
 from pathlib import Path
 from typing import Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 from nsq_local import models  # noqa: E402
-from nsq_local.kvcache import bits_per_value  # noqa: E402
+from nsq_local.kvcache import bits_per_value, storage_type  # noqa: E402
 
-TYPES = ("f16", "q8_0", "q5_0", "q4_1", "iq4_nl", "q4_0", "nsq4", "nsq4+calib", "nsq4+textcalib")
+# the WikiText-2 excerpt the tests read: its first 8192 tokens are the full test split's, and its second half (the
+# textcalib text) starts after them
+WIKITEXT_HEAD = ROOT / "tests" / "data" / "wikitext-2-test-head.txt"
+TYPES = ("f16", "q8_0", "q5_0", "q4_1", "iq4_nl", "q4_0", "nsq4", "nsq4-uncentered", "nsq4+textcalib")
 PATTERNS = {
     "ppl": re.compile(r"Mean PPL\(Q\)\s*:\s*([0-9.]+)\s*±\s*([0-9.]+)"),
     "ppl_base": re.compile(r"Mean PPL\(base\)\s*:\s*([0-9.]+)"),
@@ -77,7 +82,8 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=Path("docs/quality-table"), help="output prefix: writes OUT.json, OUT.md")
     ap.add_argument("--work", type=Path, default=Path("build/quality"),
                     help="logs, f16 logit files (400 MB per model) and calibrations (default build/quality)")
-    ap.add_argument("-f", "--file", type=Path, default=None, help="text (default: ../shared/data/wikitext-2-test.txt)")
+    ap.add_argument("-f", "--file", type=Path, default=None,
+                    help=f"text (default: $NSQ_WIKITEXT, else {WIKITEXT_HEAD.relative_to(ROOT)})")
     ap.add_argument("--models", default="smollm2,gemma3", help="comma list of smollm2, gemma3")
     ap.add_argument("--types", default=",".join(TYPES), help="comma list of cache types")
     ap.add_argument("-c", "--ctx-size", type=int, default=2048)
@@ -87,8 +93,7 @@ def main() -> int:
     ap.add_argument("--table-only", action="store_true", help="no new runs: tabulate the runs whose logs are complete")
     args = ap.parse_args()
 
-    text = args.file or Path(os.environ.get("NSQ_WIKITEXT", Path(__file__).resolve().parents[2] / "shared" / "data"
-                                            / "wikitext-2-test.txt"))
+    text = args.file or Path(os.environ.get("NSQ_WIKITEXT", WIKITEXT_HEAD))
     ppl_bin = args.bin / "llama-perplexity"
     for p in (text, ppl_bin):
         if not p.is_file():
@@ -114,25 +119,25 @@ def main() -> int:
                 if t == "f16" and rot == "off":
                     continue
                 env = {"LLAMA_ATTN_ROT_DISABLE": "1"} if rot == "off" else {}
-                ctype = t.split("+")[0]
-                if "+" in t and not args.table_only:
-                    kind = t.split("+")[1]
-                    if kind not in calibs:
+                ctype = storage_type(t.split("+")[0])
+                calib_args = []
+                if t in ("nsq4", "nsq4+textcalib") and not args.table_only:
+                    if t not in calibs:
                         from nsq_local import calibrate
 
-                        calibs[kind] = logs / f"{key}-{kind}.nsq.gguf"
-                        if not calibs[kind].is_file():
-                            if kind == "textcalib":  # in-domain: the second half of the text, never evaluated
+                        if t == "nsq4":
+                            calibs[t] = calibrate.cached(model)
+                        else:  # in-domain: the second half of the text, never evaluated
+                            calibs[t] = logs / f"{key}-textcalib.nsq.gguf"
+                            if not calibs[t].is_file():
                                 body = text.read_bytes().decode("utf-8", errors="replace")
-                                calibrate.calibrate(model, calibs[kind], body[len(body) // 2:], f"{text.name}, 2nd half")
-                            else:
-                                calibrate.calibrate(model, calibs[kind])
-                    env["LLAMA_NSQ_CALIB"] = str(calibs[kind])
+                                calibrate.calibrate(model, calibs[t], body[len(body) // 2:], f"{text.name}, 2nd half")
+                    calib_args = ["--nsq-calib", str(calibs[t])]
                 name = f"{key}-{t.replace('+', '-')}-rot{rot}"
                 if args.table_only and not complete(logs / f"{name}.log"):
                     continue
                 r = parse(run(common + ["-ctk", ctype, "-ctv", ctype, "--kl-divergence-base", str(base),
-                                        "--kl-divergence"], env, logs / f"{name}.log"))
+                                        "--kl-divergence", *calib_args], env, logs / f"{name}.log"))
                 rows.append({"model": key, "type": t, "rotation": rot, "bits_per_value": bits_per_value(ctype),
                              "ppl": r["ppl"], "ppl_err": r.get("ppl_err"), "ppl_f16": f16["final"],
                              # ΔPPL against the base PPL of the same run's statistics (the same scored tokens)

@@ -15,6 +15,10 @@ llama.cpp computes for its cache, and writes them to a small GGUF file that llam
 Without -f the text is the documentation of Python's standard library, which every Python has; text like what the
 model will see does better (docs/quality.md: on SmolLM2 and WikiText, held-out WikiText calibrates better than the
 docs, and both far better than none). Windows as long as the contexts you use fit best (-c, default 2048).
+
+`llama_cpp.Llama(..., type_k="nsq4")` and nsq-chat need none of this: by default they calibrate once per model file
+(on the built-in text) and keep the file in $NSQ_CACHE_DIR/calibration (default ~/.cache/nsq-local). A calibration
+records the sha256 of the model file it was made from, and is refused for any other file.
 """
 from __future__ import annotations
 
@@ -22,11 +26,10 @@ import argparse
 import hashlib
 import importlib
 import os
-import struct
 import sys
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import numpy.typing as npt
@@ -94,29 +97,133 @@ def k_means(model: Path, text: str, n_ctx: int = 2048, chunks: int = 2, n_thread
 
 
 def write_gguf(path: Path, means: Sequence[npt.NDArray[np.float32]], meta: dict[str, str]) -> None:
-    """A GGUF v3 file with one f32 tensor "nsq.k_mean.<layer>" per layer and string metadata."""
-    align = 32
+    """A GGUF file with one f32 tensor "nsq.k_mean.<layer>" per layer and string metadata."""
+    import gguf
 
-    def gstr(s: str) -> bytes:
-        b = s.encode()
-        return struct.pack("<Q", len(b)) + b
+    w = gguf.GGUFWriter(str(path), "nsq-calibration")
+    for key, value in meta.items():
+        w.add_string(key, value)
+    for il, m in enumerate(means):
+        w.add_tensor(f"nsq.k_mean.{il}", np.ascontiguousarray(m, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
 
-    kv = {"general.architecture": "nsq-calibration", **meta}
-    head = b"GGUF" + struct.pack("<IQQ", 3, len(means), len(kv))
-    for key, value in kv.items():
-        head += gstr(key) + struct.pack("<I", 8) + gstr(value)  # 8: GGUF_TYPE_STRING
-    offsets, offset = [], 0
-    for m in means:
-        offsets.append(offset)
-        offset += -(-m.nbytes // align) * align
-    for il, (m, off) in enumerate(zip(means, offsets)):
-        head += gstr(f"nsq.k_mean.{il}") + struct.pack("<IQIQ", 1, m.size, 0, off)  # 1 dim, type 0 = f32
-    head += b"\0" * (-len(head) % align)
-    with open(path, "wb") as f:
-        f.write(head)
-        for m in means:
-            data = np.ascontiguousarray(m, dtype="<f4").tobytes()
-            f.write(data + b"\0" * (-len(data) % align))
+
+def read_gguf(path: Path) -> tuple[dict[str, str], dict[str, npt.NDArray[np.float32]]]:
+    """A calibration file's string metadata and its tensors by name."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except (ValueError, OSError) as e:
+        raise ValueError(f"cannot read the NSQ4 calibration file {path} ({e}): make it with `nsq-calibrate -m MODEL`")
+    meta = {name: field.contents() for name, field in reader.fields.items()
+            if name.startswith("nsq.") and isinstance(field.contents(), str)}
+    return meta, {t.name: np.array(t.data, dtype=np.float32) for t in reader.tensors}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("NSQ_CACHE_DIR", Path.home() / ".cache" / "nsq-local"))
+
+
+def model_id(model: Path) -> str:
+    """The sha256 of the model file, remembered per path, size and modification time so that a file is read once."""
+    model = Path(model).resolve()
+    st = model.stat()
+    memo = cache_dir() / "model-ids" / hashlib.sha256(
+        f"{model}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}".encode()).hexdigest()[:32]
+    if memo.is_file():
+        return memo.read_text().strip()
+    h = hashlib.sha256()
+    with open(model, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    tmp = memo.with_name(memo.name + f".tmp{os.getpid()}")
+    tmp.write_text(h.hexdigest() + "\n")
+    tmp.replace(memo)
+    return h.hexdigest()
+
+
+# Per-layer precision (llama.cpp patch 0009): the few layers whose nsq4 keys harm attention far more than the model's
+# other layers' are stored in a wider type, named in the calibration file as "nsq.k_type.<layer>".
+LAYER_BITS_BUDGET = 4.5  # the average bits per K+V value that wider layers may bring an nsq4 cache to (q4_0's)
+LAYER_OUTLIER = 10.0  # a layer is an outlier when its attention KL is this many times the median layer's
+LAYER_TYPES = ("q8_0", "f16")  # by cost: an outlier gets the cheapest that brings it to the median layer's KL
+
+
+def layer_types(model: Path, text: str, means: Sequence[npt.NDArray[np.float32]], n_ctx: int = 2048,
+                n_threads: Optional[int] = None, budget_bits: float = LAYER_BITS_BUDGET,
+                outlier: float = LAYER_OUTLIER, progress: bool = True) -> dict[str, str]:
+    """The K types of an nsq4 cache's outlier layers, as calibration metadata: {"nsq.k_type.<layer>": "f16"}.
+
+    On the first window of the calibration text, the model's own Q and K give, per layer, the mean KL divergence
+    between the causal attention distributions (every 8th query, all query heads) of the exact keys and of the keys
+    as an nsq4 cache stores them (centered by `means`, rotated as upstream rotates them): how far its nsq4 keys move
+    that layer's attention. On most models the layers are within a few times of each other, and none is chosen. A
+    layer whose keys are almost all one large bias added before RoPE (Qwen2.5-0.5B's first: 96% of K's energy, partly
+    in RoPE pairs that turn within the window, so no fixed mean takes it off) is a hundred times the median: each
+    layer above `outlier` times the median, worst first, gets the cheapest of LAYER_TYPES whose keys bring its KL to
+    the median or below (else the most precise), as long as the cache's average bits per K+V value, V in nsq4, stay
+    within `budget_bits`. Wider layers are not centered (llama.cpp centers nsq4 keys only).
+    """
+    from nsq_local import capture, kv
+    from nsq_local.kvcache import bits_per_value
+
+    with capture.Capturer(model, n_ctx, n_threads=n_threads) as cap:
+        qkv = cap.run(cap.session.tokenize(text[:16 * n_ctx])[:n_ctx])
+    t0 = time.time()
+    rot = kv.rot_block_k(qkv.k[0].shape[-1])
+
+    def attention_kl(il: int, k_hat: npt.NDArray[np.float32]) -> float:
+        q, k = qkv.q[il], qkv.k[il]
+        group = q.shape[1] // k.shape[1]
+        queries = np.arange(0, len(q), 8)
+        future = np.arange(len(k))[None, :] > queries[:, None]
+        total = 0.0
+        for h in range(q.shape[1]):
+            qh = q[queries, h].astype(np.float64) / np.sqrt(q.shape[2])
+            s, s_hat = qh @ k[:, h // group].T.astype(np.float64), qh @ k_hat[:, h // group].T.astype(np.float64)
+            s[future] = s_hat[future] = -1e30
+            ls = s - np.logaddexp.reduce(s, axis=1, keepdims=True)
+            lh = s_hat - np.logaddexp.reduce(s_hat, axis=1, keepdims=True)
+            total += float(np.mean(np.sum(np.exp(ls) * (ls - lh), axis=1)))
+        return total / q.shape[1]
+
+    scores = []
+    for il, k in enumerate(qkv.k):
+        m = np.asarray(means[il], dtype=np.float32).reshape(k.shape[1:])
+        scores.append(attention_kl(il, kv.roundtrip("nsq4", k - m, rot) + m))
+    median = float(np.median(scores))
+    n_k, n_v = [k[0].size for k in qkv.k], [v[0].size for v in qkv.v]
+    bits = {t: bits_per_value(t) for t in ("nsq4", *LAYER_TYPES)}
+    k_bits = [bits["nsq4"]] * qkv.n_layer
+
+    def average(il: int, t: str) -> float:
+        with_t = k_bits[:il] + [bits[t]] + k_bits[il + 1:]
+        return float((np.dot(with_t, n_k) + bits["nsq4"] * sum(n_v)) / (sum(n_k) + sum(n_v)))
+
+    chosen: dict[str, str] = {}
+    for il in sorted(range(qkv.n_layer), key=lambda i: -scores[i]):
+        if scores[il] <= outlier * median:
+            break
+        fits = [t for t in LAYER_TYPES if average(il, t) <= budget_bits]
+        t = next((t for t in fits if attention_kl(il, kv.roundtrip(t, qkv.k[il], rot)) <= median),
+                 fits[-1] if fits else None)
+        if t is not None:
+            k_bits[il], chosen[f"nsq.k_type.{il}"] = bits[t], t
+        if progress:
+            print(f"nsq-calibrate: layer {il}: attention KL of its nsq4 keys {scores[il]:.3g}, "
+                  f"{scores[il] / median:.0f}x the median layer's: "
+                  + (f"K in {t}, the cache at {average(il, t):.3f} bits/value" if t is not None else
+                     f"no wider K fits the budget of {budget_bits} bits/value"), file=sys.stderr)
+    if progress:
+        print(f"nsq-calibrate: per-layer precision: {len(chosen)} of {qkv.n_layer} layers' K wider than nsq4 (the "
+              f"worst layer's attention KL is {max(scores) / median:.1f}x the median's, outliers above {outlier:g}x; "
+              f"{time.time() - t0:.1f} s)", file=sys.stderr)
+    return chosen
 
 
 def calibrate(model: Path, out: Path, text: Optional[str] = None, text_name: str = "python-stdlib-docs",
@@ -124,27 +231,78 @@ def calibrate(model: Path, out: Path, text: Optional[str] = None, text_name: str
     model = Path(model)
     if not model.is_file():
         raise FileNotFoundError(f"model file not found: {model}")
-    means, count = k_means(model, text if text is not None else builtin_text(), n_ctx, chunks, n_threads, progress)
+    text = text if text is not None else builtin_text()
+    means, count = k_means(model, text, n_ctx, chunks, n_threads, progress)
+    types = layer_types(model, text, means, n_ctx, n_threads, progress=progress)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    write_gguf(tmp, means, {"nsq.calibration.model": model.name, "nsq.calibration.text": text_name,
-                            "nsq.calibration.tokens": str(count)})
+    write_gguf(tmp, means, {"nsq.calibration.model": model.name, "nsq.calibration.model_sha256": model_id(model),
+                            "nsq.calibration.text": text_name, "nsq.calibration.tokens": str(count), **types})
     tmp.replace(out)
     return out
 
 
 def cached(model: Path, progress: bool = True) -> Path:
-    """The calibration of `model` from the built-in text, made once and kept in the nsq-local cache folder."""
+    """The calibration of `model` from the built-in text, made once per model file and kept in the cache folder."""
     model = Path(model).resolve()
-    st = model.stat()
-    key = hashlib.sha256(f"{model}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("NSQ_CACHE_DIR", Path.home() / ".cache" / "nsq-local")) / "calibration"
-    out = cache / f"{model.stem}-{key}.nsq.gguf"
+    cache = cache_dir() / "calibration"
+    out = cache / f"{model.stem}-{model_id(model)[:16]}.nsq.gguf"
     if not out.is_file():
         if progress:
-            print(f"nsq-local: calibrating the NSQ4 cache for {model.name} (once; kept in {cache})", file=sys.stderr)
+            print(f"nsq-local: calibrating the NSQ4 K cache for {model.name} (once per model file)", file=sys.stderr)
         calibrate(model, out, chunks=1, progress=progress)
+        if progress:
+            print(f"nsq-local: K means kept in {out}", file=sys.stderr)
     return out
+
+
+def check_fits(calib: Path, model: Path) -> None:
+    """Refuse a calibration that records another model file than `model` (llama.cpp checks the shapes)."""
+    meta, _ = read_gguf(calib)
+    made_for = meta.get("nsq.calibration.model_sha256")
+    if made_for is not None and made_for != model_id(model):
+        raise ValueError(f"the NSQ4 calibration file {calib} was made for another model file "
+                         f"({meta.get('nsq.calibration.model', '?')}, sha256 {made_for[:16]}...), not for {model}: "
+                         f"make one for this model with `nsq-calibrate -m {model}`, or leave nsq_calib out to use "
+                         "the cached default")
+
+
+def resolve(model: Union[str, Path], model_ptr: object, nsq_calib: Union[None, bool, str, os.PathLike]
+            ) -> Optional[Path]:
+    """The calibration an nsq4 K cache of `model` (loaded as `model_ptr`) is centered by, or None for none.
+
+    nsq_calib: False, none; a path, that file; None (or True), $LLAMA_NSQ_CALIB if set, else the cached default,
+    which is skipped with a warning on a model where centering is not exact (llama.cpp refuses a file given for one).
+    """
+    if nsq_calib is False:
+        return None
+    if nsq_calib is None or nsq_calib is True:
+        nsq_calib = os.environ.get(CALIB_ENV) or None
+        if nsq_calib is None:
+            return _default(Path(model), model_ptr)
+    path = Path(nsq_calib)
+    if not path.is_file():
+        raise FileNotFoundError(f"NSQ4 calibration file not found: {path} (make one with `nsq-calibrate -m MODEL`)")
+    check_fits(path, Path(model))
+    return path
+
+
+def _default(model: Path, model_ptr: object) -> Optional[Path]:
+    import llama_cpp
+
+    why = llama_cpp.llama_model_nsq4_centering_inexact(model_ptr)
+    if why:
+        print(f"nsq-local: warning: the nsq4 K cache of {model.name} is not centered: {why.decode()}",
+              file=sys.stderr)
+        return None
+    try:
+        return cached(model)
+    except HeadSizeError:
+        return None  # creating the context reports it, with the cache types that fit
+    except (RuntimeError, ValueError) as e:  # capture.LlamaError included
+        print(f"nsq-local: warning: calibrating {model.name} failed, so its nsq4 K cache is not centered: {e}",
+              file=sys.stderr)
+        return None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

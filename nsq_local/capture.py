@@ -35,7 +35,6 @@ import numpy.typing as npt
 ROT_ENV = "LLAMA_ATTN_ROT_DISABLE"
 CALIB_ENV = "LLAMA_NSQ_CALIB"
 _STATE_MAGIC = 0xAF143CD8
-_GGML_LOG_ERROR = 4
 _ROT_LINE = re.compile(r"attn_rot_([kv]) = (\d)")
 
 
@@ -83,15 +82,14 @@ def tensor_to_numpy(t: int) -> npt.NDArray[np.float32]:
 
 _log_lines: list[str] = []
 _log_count = 0  # lines ever logged; _log_lines keeps the last ones
-_log_verbose = False
 _log_callback = None
 
 
 def _install_log() -> None:
-    """Route llama.cpp's log into a buffer (to read the rotation flags and explain failures); echo when verbose.
+    """Keep llama.cpp's log in a buffer (to read the rotation flags and explain failures), then hand it on to
+    llama_cpp's own callback, which prints what its verbosity lets through and keeps the error its exceptions quote.
 
-    Set again for every Session: other code (llama_cpp.Llama, kvcache.open_llama) installs its own callbacks. Errors
-    still reach llama_cpp's own callback, whose last error is what llama_cpp's exceptions quote.
+    Set again for every Session: other code (kvcache.open_llama) installs its own callbacks.
     """
     global _log_callback
     import llama_cpp
@@ -107,10 +105,7 @@ def _install_log() -> None:
         line = text.decode("utf-8", "replace")
         _log_lines.append(line)
         del _log_lines[:-2000]
-        if _log_verbose:
-            print(line, end="", file=sys.stderr)
-        elif level == _GGML_LOG_ERROR:
-            _logger.llama_log_callback(level, text, user_data)
+        _logger.llama_log_callback(level, text, user_data)
 
     _log_callback = llama_cpp.llama_log_callback(on_log)
     llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
@@ -133,18 +128,20 @@ class Session:
     """One model and one llama.cpp context with a given KV cache, driven by llama_decode.
 
     rotation=False sets LLAMA_ATTN_ROT_DISABLE=1 while the context is created (upstream reads it then);
-    `attn_rot` tells what llama.cpp reported: {'k': bool, 'v': bool}. nsq_calib (an nsq4 K cache only) sets
-    LLAMA_NSQ_CALIB the same way: the K means of nsq-calibrate that the cache centers keys by.
+    `attn_rot` tells what llama.cpp reported: {'k': bool, 'v': bool}. nsq_calib (an nsq4 K cache only) is what
+    llama_cpp.Llama takes: None for the default calibration, a file from nsq-calibrate, False for none; the
+    `nsq_calib` attribute is the file the keys are centered by, or None.
     """
 
     def __init__(self, model_path: Union[str, Path], n_ctx: int = 512, type_k: str = "f16", type_v: str = "f16",
                  flash_attn: Optional[bool] = True, n_threads: Optional[int] = None, n_ubatch: int = 512,
                  rotation: bool = True, eval_callback: Optional[EvalCallback] = None, verbose: bool = False,
-                 nsq_calib: Optional[Union[str, Path]] = None):
+                 nsq_calib: Union[None, bool, str, Path] = None):
         import llama_cpp
 
-        global _log_verbose
-        _log_verbose = verbose
+        from llama_cpp import _logger
+
+        _logger.set_verbose(verbose)
         _install_log()
         llama_cpp.llama_backend_init()
         self.model_path = Path(model_path)
@@ -181,14 +178,20 @@ class Session:
         if eval_callback is not None:
             self._cb = llama_cpp.ggml_backend_sched_eval_callback(lambda t, ask, ud: eval_callback(t, ask))
             cparams.cb_eval = self._cb
-        self.rotation_requested = rotation
-        self.nsq_calib = nsq_calib
-        env = {ROT_ENV: None if rotation else "1", CALIB_ENV: None if nsq_calib is None else os.fspath(nsq_calib)}
-        if nsq_calib is not None:
-            if tk != llama_cpp.GGML_TYPE_NSQ4:
-                raise ValueError(f"an NSQ4 calibration applies to an nsq4 K cache, not {type_k}")
-            if not Path(nsq_calib).is_file():
-                raise FileNotFoundError(f"NSQ4 calibration file {nsq_calib} does not exist (make it with nsq-calibrate)")
+        self.nsq_calib = None
+        env = {ROT_ENV: None if rotation else "1"}
+        if tk == llama_cpp.GGML_TYPE_NSQ4:
+            from nsq_local import calibrate
+
+            # as llama_cpp.Llama does it: centered by default, "" tells llama.cpp not to
+            try:
+                self.nsq_calib = calibrate.resolve(self.model_path, self.model, nsq_calib)
+            except (ValueError, FileNotFoundError):
+                self.close()
+                raise
+            env[CALIB_ENV] = os.fspath(self.nsq_calib or "")
+        elif nsq_calib:
+            raise ValueError(f"an NSQ4 calibration applies to an nsq4 K cache, not {type_k}")
         saved = {k: os.environ.get(k) for k in env}
         for k, v in env.items():
             if v is not None:
@@ -354,7 +357,7 @@ class Capturer:
 
     def __init__(self, model_path: Union[str, Path], n_ctx: int, *, parts: str = "qkv", type_k: str = "f32",
                  type_v: str = "f32", rotation: bool = True, flash_attn: bool = True, n_threads: Optional[int] = None,
-                 n_ubatch: int = 512, verbose: bool = False):
+                 n_ubatch: int = 512, verbose: bool = False, nsq_calib: Union[None, bool, str, Path] = None):
         if not parts or set(parts) - set(self._TAGS):
             raise ValueError(f"parts must be letters of 'qkv', got {parts!r}")
         self.parts = parts
@@ -362,7 +365,7 @@ class Capturer:
         self._collector = _Collector()
         self.session = Session(model_path, n_ctx=n_ctx, type_k=type_k, type_v=type_v, flash_attn=flash_attn,
                                n_threads=n_threads, n_ubatch=n_ubatch, rotation=rotation,
-                               eval_callback=self._collector, verbose=verbose)
+                               eval_callback=self._collector, verbose=verbose, nsq_calib=nsq_calib)
         for il in range(self.session.n_layer):
             for part in parts:
                 self._collector.names[f"{self._TAGS[part]}-{il}"] = (part, il)
@@ -409,15 +412,16 @@ class Capturer:
 
 def capture_qkv(model_path: Union[str, Path], tokens: Sequence[int], n_ctx: Optional[int] = None, *,
                 type_k: str = "f32", type_v: str = "f32", rotation: bool = True, flash_attn: bool = True,
-                n_threads: Optional[int] = None, n_ubatch: int = 512, verbose: bool = False) -> QKV:
+                n_threads: Optional[int] = None, n_ubatch: int = 512, verbose: bool = False,
+                nsq_calib: Union[None, bool, str, Path] = None) -> QKV:
     """Q, K and V of every layer for `tokens` (positions 0..), as llama.cpp computes them for its cache.
 
     K is post-RoPE and V as projected, both before upstream's Hadamard rotation, which happens after them in the
     graph. Arrays are float32: q[il] (n_tokens, n_head, head_dim), k[il] and v[il] (n_tokens, n_head_kv, head_dim).
     The model runs with a cache of type_k/type_v (default f32: the model's own values at every layer; a lossy type
     gives the values that model computes when its earlier layers read that cache). n_ctx defaults to len(tokens);
-    the tokens are decoded n_ubatch at a time, as llama_decode would split them. For several runs on one model,
-    use a Capturer.
+    the tokens are decoded n_ubatch at a time, as llama_decode would split them. nsq_calib is Session's: K is
+    captured before an nsq4 cache centers it. For several runs on one model, use a Capturer.
     """
     if len(tokens) == 0:
         raise ValueError("capture_qkv needs at least one token")
@@ -425,7 +429,7 @@ def capture_qkv(model_path: Union[str, Path], tokens: Sequence[int], n_ctx: Opti
     if n_ctx < len(tokens):
         raise ValueError(f"{len(tokens)} tokens do not fit a context of n_ctx={n_ctx}")
     with Capturer(model_path, n_ctx, type_k=type_k, type_v=type_v, rotation=rotation, flash_attn=flash_attn,
-                  n_threads=n_threads, n_ubatch=n_ubatch, verbose=verbose) as cap:
+                  n_threads=n_threads, n_ubatch=n_ubatch, verbose=verbose, nsq_calib=nsq_calib) as cap:
         return cap.run(tokens)
 
 
@@ -472,6 +476,8 @@ def read_cache(session: Session, seq_id: int = 0) -> list[CacheLayer]:
     layers: list[CacheLayer] = []
     for _ in range(n_layer):
         k_type, row = take("iQ")
+        if k_type == llama_cpp.GGML_TYPE_NSQ4:
+            take("Q")  # which calibration the keys are centered by
         rows = np.frombuffer(data, np.uint8, cells * row, off).reshape(cells, row)
         off += cells * row
         layers.append(CacheLayer(k_type, rows, -1, None))

@@ -198,31 +198,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except FileNotFoundError as e:  # ModelNotInstalled included
         return fail(str(e))
 
-    calib = None
-    if args.nsq_calib is not None and args.nsq_calib != "none":
-        if type_k != "nsq4":
-            return fail(f"--nsq-calib calibrates an nsq4 K cache, but the K cache type is {type_k}")
-        calib = Path(args.nsq_calib)
-        if not calib.is_file():
-            return fail(f"calibration file not found: {calib} (make one with `nsq-calibrate -m MODEL`)")
-    elif args.nsq_calib is None and type_k == "nsq4":
-        from nsq_local import calibrate
-
-        try:
-            calib = calibrate.cached(model)
-        except calibrate.HeadSizeError:
-            pass  # creating the context below reports it, with the cache types that fit
-        except (RuntimeError, ValueError) as e:  # capture.LlamaError included
-            print(f"nsq-chat: warning: the NSQ4 calibration failed, so the K cache is not centered: {e}",
-                  file=sys.stderr)
-
+    # Llama centers an nsq4 K cache by default (the calibration cached per model file); "none" turns it off
+    calib = {None: None, "none": False}.get(args.nsq_calib, args.nsq_calib)
     try:
         llm, kv = open_llama(
             verbose=args.verbose, model_path=str(model), n_ctx=args.ctx_size, type_k=type_k, type_v=type_v,
             flash_attn={"on": True, "off": False, "auto": None}[args.flash_attn], n_threads=args.threads,
             seed=args.seed if args.seed >= 0 else 0xFFFFFFFF, nsq_calib=calib,
         )
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:
         return fail(str(e))
     chat = Chat(llm, kv, args)
     print(chat.banner(model), file=sys.stderr)

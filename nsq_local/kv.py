@@ -13,7 +13,8 @@ them in its cache). Then, in numpy:
   outlier channels;
 
   per cache type, K and V are stored as llama.cpp stores them (rotated when upstream rotates that type, unless
-  --no-rot; quantized row by row with ggml's CPU quantizer, nsq4 with nsq_local.reference), dequantized and rotated
+  --no-rot; quantized row by row with ggml's CPU quantizer, nsq4 with nsq_local.reference; an nsq4 K centered by
+  its layer's calibrated mean as shipped, see --nsq-calib, and nsq4-uncentered without), dequantized and rotated
   back:
     k_err, v_err  relative RMS reconstruction error sqrt(sum (x' - x)^2 / sum x^2), per layer and KV head
     attn_cos      mean cosine similarity, over tokens and query heads, of causal softmax attention outputs
@@ -35,12 +36,12 @@ from typing import Optional, Sequence
 import numpy as np
 import numpy.typing as npt
 
-from nsq_local import capture, cquant, reference
-from nsq_local.kvcache import CACHE_TYPES
+from nsq_local import calibrate, capture, cquant, reference
+from nsq_local.kvcache import CACHE_TYPES, UNCENTERED, storage_type
 from nsq_local.ppl import UsageError, pyplot
 
 EXIT_USAGE = 2
-DEFAULT_TYPES = ("f16", "q8_0", "q4_0", "iq4_nl", "nsq4")
+DEFAULT_TYPES = ("f16", "q8_0", "q4_0", "iq4_nl", "nsq4", UNCENTERED)
 _UNROTATED = ("f16", "bf16", "f32")  # upstream rotates only quantized types
 
 
@@ -129,8 +130,11 @@ def cosine(a: npt.NDArray[np.float32], b: npt.NDArray[np.float32]) -> float:
     return float(np.mean(num / np.maximum(den, 1e-30)))
 
 
-def analyse(qkv: capture.QKV, types: Sequence[str], rotation: bool = True, progress: bool = True) -> dict:
-    """The statistics and per-type errors of captured Q/K/V (see the module doc); a JSON-ready dict."""
+def analyse(qkv: capture.QKV, types: Sequence[str], rotation: bool = True, progress: bool = True,
+            k_means: Optional[Sequence[npt.NDArray[np.float32]]] = None) -> dict:
+    """The statistics and per-type errors of captured Q/K/V (see the module doc); a JSON-ready dict.
+
+    k_means: per layer, the flattened mean K (n_head_kv * head_dim) that an nsq4 K cache is centered by, or None."""
     hd_k, hd_v = qkv.k[0].shape[-1], qkv.v[0].shape[-1]
     rk, rv = rot_block_k(hd_k), rot_block_v(hd_v)
     stats: dict[str, list] = {f"{w}_{m}_{when}": [] for w in "kv" for m in ("norm_cv", "absmax_ratio")
@@ -147,8 +151,12 @@ def analyse(qkv: capture.QKV, types: Sequence[str], rotation: bool = True, progr
         ref = attention(q, k, v)
         for t in types:
             rot_on = rotation and t not in _UNROTATED
-            k2 = roundtrip(t, k, rk if rot_on else None)
-            v2 = roundtrip(t, v, rv if rot_on else None)
+            if t == "nsq4" and k_means is not None:
+                mean = k_means[il].reshape(k.shape[1:])
+                k2 = roundtrip(t, k - mean, rk if rot_on else None) + mean
+            else:
+                k2 = roundtrip(storage_type(t), k, rk if rot_on else None)
+            v2 = roundtrip(storage_type(t), v, rv if rot_on else None)
             per_type[t]["k_err"].append(rel_err(k, k2).tolist())
             per_type[t]["v_err"].append(rel_err(v, v2).tolist())
             per_type[t]["attn_cos"].append(cosine(ref, attention(q, k2, v2)))
@@ -236,10 +244,10 @@ def format_table(report: dict) -> str:
         lines.append(f"{m + ' mean':<22} " + " ".join(f"{x:>9.3f}" for x in vals))
         lines.append(f"{m + ' max':<22} " + " ".join(f"{x:>9.3f}" for x in maxs))
     lines.append("")
-    head = f"{'cache type':<10} {'rotated':<8} {'K rel err':>10} {'V rel err':>10} {'attn cos':>12} {'1 - cos':>10}"
+    head = f"{'cache type':<16} {'rotated':<8} {'K rel err':>10} {'V rel err':>10} {'attn cos':>12} {'1 - cos':>10}"
     lines += [head, "-" * len(head)]
     for t, r in report["types"].items():
-        lines.append(f"{t:<10} {'yes' if r['rotated'] else 'no':<8} {r['k_err_mean']:>10.5f} {r['v_err_mean']:>10.5f} "
+        lines.append(f"{t:<16} {'yes' if r['rotated'] else 'no':<8} {r['k_err_mean']:>10.5f} {r['v_err_mean']:>10.5f} "
                      f"{r['attn_cos_mean']:>12.8f} {1 - r['attn_cos_mean']:>10.2e}")
     return "\n".join(lines)
 
@@ -254,6 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"comma-separated cache types (default: {','.join(DEFAULT_TYPES)})")
     ap.add_argument("--no-rot", action="store_true",
                     help="store every type without upstream's rotation (as with LLAMA_ATTN_ROT_DISABLE=1)")
+    ap.add_argument("--nsq-calib", metavar="FILE|none",
+                    help="K means (from nsq-calibrate) that the nsq4 K cache is centered by (default: the "
+                         "calibration llama_cpp.Llama uses by default; none: not centered)")
     ap.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
     ap.add_argument("--out", default="nsq-kv-out", metavar="DIR", help="folder for the plots (default: nsq-kv-out)")
     ap.add_argument("--json", metavar="FILE", help="the JSON report (default: OUT/kv.json)")
@@ -265,10 +276,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         types = [t.strip().lower() for t in args.types.split(",") if t.strip()]
-        bad = [t for t in types if t not in CACHE_TYPES or t == "f32"]
-        if bad or not types:
-            raise UsageError(f"--types {args.types!r}: use cache types from: "
-                             f"{', '.join(t for t in CACHE_TYPES if t != 'f32')}")
+        names = [t for t in CACHE_TYPES if t != "f32"] + [UNCENTERED]
+        if not types or any(t not in names for t in types):
+            raise UsageError(f"--types {args.types!r}: use cache types from: {', '.join(names)}")
         model, text = Path(args.model), Path(args.file)
         for what, p in (("model", model), ("text", text)):
             if not p.is_file():
@@ -279,18 +289,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with capture.Session(model, n_ctx=64, verbose=args.verbose) as s:
             # bytes, then decode: no newline translation, the text llama.cpp tools read
             tokens = s.tokenize(text.read_bytes().decode("utf-8", errors="replace"))
+            calib = None
+            if "nsq4" in types:
+                calib = calibrate.resolve(model, s.model, {None: None, "none": False}.get(args.nsq_calib,
+                                                                                          args.nsq_calib))
         if len(tokens) < args.ctx_size:
             raise UsageError(f"the text has {len(tokens)} tokens, fewer than -c {args.ctx_size}")
         t0 = time.perf_counter()
         qkv = capture.capture_qkv(model, tokens[:args.ctx_size], n_threads=args.threads, verbose=args.verbose)
         hd = qkv.k[0].shape[-1]
         for t in types:
-            qk, _ = cquant.block_info(t)
+            qk, _ = cquant.block_info(storage_type(t))
             if hd % qk or qkv.v[0].shape[-1] % qk:
                 raise UsageError(f"cache type {t} stores blocks of {qk} values, which do not divide this model's "
                                  f"head size {hd}")
-        report = analyse(qkv, types, rotation=not args.no_rot)
-    except (UsageError, FileNotFoundError) as e:
+        k_means = None
+        if calib is not None:
+            tensors = calibrate.read_gguf(calib)[1]
+            k_means = [tensors[f"nsq.k_mean.{il}"] for il in range(qkv.n_layer)]
+        report = analyse(qkv, types, rotation=not args.no_rot, k_means=k_means)
+        report["nsq_calib"] = str(calib) if calib else None
+    except (UsageError, ValueError, FileNotFoundError) as e:
         print(f"nsq-kv: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except capture.LlamaError as e:
@@ -303,8 +322,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     report["plots"] = [str(p) for p in plot(report, out, title)]
     json_path = Path(args.json) if args.json else out / "kv.json"
     json_path.write_text(json.dumps(report, indent=1) + "\n")
+    centered = f", nsq4 K centered by {report['nsq_calib']}" if report["nsq_calib"] else ""
     print(f"{title}: {report['n_layer']} layers, {report['n_head_kv']} KV heads of {report['head_dim_k']}, "
-          f"rotation {report['rotation']}")
+          f"rotation {report['rotation']}{centered}")
     print(format_table(report))
     print(f"json: {json_path}\nplots: {', '.join(report['plots'])}")
     return 0

@@ -19,6 +19,8 @@ token is the baseline's, tokens scored and seconds. -ctk/-ctv are given in pairs
 
 Upstream rotates a quantized K/V cache with a Hadamard transform; --no-rot sets LLAMA_ATTN_ROT_DISABLE=1 for the
 contexts this tool creates, and the report shows what llama.cpp reported (attn_rot_k/attn_rot_v) for each type.
+An nsq4 K cache is measured as shipped: centered by the calibration llama_cpp.Llama uses by default (--nsq-calib
+picks a file); -ctk nsq4-uncentered is the same cache without centering.
 
 --sweep-ctx runs the whole measurement for each window size in the list (each with --chunks windows) and plots
 ΔPPL and mean KLD against the context length per cache type (PNG, --plot).
@@ -32,13 +34,13 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import numpy.typing as npt
 
 from nsq_local.capture import LlamaError, Session
-from nsq_local.kvcache import CACHE_TYPES
+from nsq_local.kvcache import CACHE_TYPES, UNCENTERED, storage_type
 
 EXIT_USAGE = 2
 _ROWS = 64  # logits rows per log-softmax block: bounds the float64 temporaries to a few tens of MB
@@ -88,6 +90,7 @@ class TypeResult:
     type_v: str
     attn_rot_k: bool = False
     attn_rot_v: bool = False
+    nsq_calib: Optional[str] = None  # the file an nsq4 K cache was centered by
     ppl: float = math.nan
     delta_ppl: Optional[float] = None
     kld_mean: Optional[float] = None
@@ -155,7 +158,7 @@ def window_logits(s: Session, window: npt.NDArray[np.int32]) -> npt.NDArray[np.f
 def evaluate(model: Path, tokens: npt.NDArray[np.int32], n_ctx: int, chunks: int,
              pairs: Sequence[tuple[str, str]], flash_attn: Optional[bool], rotation: bool,
              n_threads: Optional[int], n_ubatch: int, add_bos: bool, bos: int, verbose: bool = False,
-             nsq_calib: Optional[Path] = None) -> dict:
+             nsq_calib: Union[None, bool, Path] = None) -> dict:
     """One -c: the f16 baseline and each cache type over the same windows; a JSON-ready dict."""
     if n_ctx < 8 or n_ctx % 2:
         raise UsageError(f"-c {n_ctx}: the window must be an even number of tokens, at least 8")
@@ -167,9 +170,9 @@ def evaluate(model: Path, tokens: npt.NDArray[np.int32], n_ctx: int, chunks: int
     sessions = []
     try:
         for tk, tv in [("f16", "f16"), *pairs]:
-            sessions.append(Session(model, n_ctx=n_ctx, type_k=tk, type_v=tv, flash_attn=flash_attn,
+            sessions.append(Session(model, n_ctx=n_ctx, type_k=storage_type(tk), type_v=tv, flash_attn=flash_attn,
                                     n_threads=n_threads, n_ubatch=n_ubatch, rotation=rotation, verbose=verbose,
-                                    nsq_calib=nsq_calib if tk == "nsq4" else None))
+                                    nsq_calib=False if tk == UNCENTERED else nsq_calib if tk == "nsq4" else None))
         accs = [_Acc() for _ in sessions]
         prog = Progress(n_win * len(sessions), f"nsq-ppl -c {n_ctx}")
         for w in range(n_win):
@@ -189,9 +192,9 @@ def evaluate(model: Path, tokens: npt.NDArray[np.int32], n_ctx: int, chunks: int
             del base
         results = []
         base_ppl = None
-        for s, acc in zip(sessions, accs):
-            r = acc.fill(TypeResult(s.type_k, s.type_v, s.attn_rot.get("k", False), s.attn_rot.get("v", False)),
-                         base_ppl)
+        for (tk, tv), s, acc in zip([("f16", "f16"), *pairs], sessions, accs):
+            r = acc.fill(TypeResult(tk, tv, s.attn_rot.get("k", False), s.attn_rot.get("v", False),
+                                    str(s.nsq_calib) if s.nsq_calib else None), base_ppl)
             if base_ppl is None:
                 base_ppl = r.ppl
             results.append(r)
@@ -266,8 +269,9 @@ def cache_pairs(ctk: Optional[list[str]], ctv: Optional[list[str]]) -> list[tupl
     ctv = ctv or ["f16"] * len(ctk)
     for flag, names in (("-ctk", ctk), ("-ctv", ctv)):
         for t in names:
-            if t not in CACHE_TYPES:
-                raise UsageError(f"unknown cache type {flag} {t}; use one of: {', '.join(CACHE_TYPES)}")
+            names = CACHE_TYPES + ((UNCENTERED,) if flag == "-ctk" else ())
+            if t not in names:
+                raise UsageError(f"unknown cache type {flag} {t}; use one of: {', '.join(names)}")
     return list(zip(ctk, ctv))
 
 
@@ -297,7 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "cache requires it)")
     ap.add_argument("--no-rot", action="store_true",
                     help="turn off upstream's Hadamard rotation of quantized K/V (LLAMA_ATTN_ROT_DISABLE=1)")
-    ap.add_argument("--nsq-calib", metavar="FILE", help="center nsq4 K caches by these K means (from nsq-calibrate)")
+    ap.add_argument("--nsq-calib", metavar="FILE|none",
+                    help="K means (from nsq-calibrate) that nsq4 K caches are centered by (default: the calibration "
+                         "llama_cpp.Llama uses by default; none: not centered)")
     ap.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
     ap.add_argument("-ub", "--ubatch-size", type=int, default=512, help="physical batch size (default: 512)")
     ap.add_argument("--sweep-ctx", metavar="N,N,...", help="long-context mode: run each window size in the list")
@@ -317,13 +323,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if sweep:
             pyplot()  # fail before the long run, not after it
         model, text = Path(args.model), Path(args.file)
-        calib = Path(args.nsq_calib) if args.nsq_calib else None
+        calib = None if args.nsq_calib is None else False if args.nsq_calib == "none" else Path(args.nsq_calib)
         if calib is not None and not any(tk == "nsq4" for tk, _ in pairs):
             raise UsageError("--nsq-calib centers an nsq4 K cache: add -ctk nsq4")
-        for what, p in (("model", model), ("text", text), ("calibration", calib)):
-            if p is None:
-                continue
-            if not p.is_file():
+        for what, p in (("model", model), ("text", text), ("calibration", calib or None)):
+            if p is not None and not p.is_file():
                 raise UsageError(f"{what} file {p} does not exist")
         fa = {"on": True, "off": False, "auto": None}[args.flash_attn]
         if fa is False:
@@ -351,15 +355,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rotation = "off (--no-rot: LLAMA_ATTN_ROT_DISABLE=1)" if args.no_rot else "upstream default (on for quantized K/V)"
     settings = {"model": str(model), "text": str(text), "text_tokens": int(len(tokens)), "flash_attn": args.flash_attn,
                 "rotation": "off" if args.no_rot else "on", "ubatch": args.ubatch_size,
-                "nsq_calib": str(calib) if calib else None,
                 "scheme": "per window: pass 1 decodes the first half into the cache (no logits); pass 2 decodes "
                           "the second half, reading the stored prefix; tokens c/2+1..c-1 are scored against an "
                           "f16-cache baseline on the same windows"}
     for run in runs:
         windows = f"{run['chunks']} window{'s' * (run['chunks'] > 1)}"
         print(f"\n{model.name}: -c {run['n_ctx']} (prefix {run['prefix']} in pass 1), {windows}, "
-              f"{run['tokens_scored']} tokens scored, flash attention {args.flash_attn}, rotation {rotation}"
-              + (f", nsq4 K centered by {calib.name}" if calib else ""))
+              f"{run['tokens_scored']} tokens scored, flash attention {args.flash_attn}, rotation {rotation}")
+        for r in run["results"]:
+            if r["type_k"] == "nsq4":
+                print(f"{r['type_k']}/{r['type_v']}: K " + (f"centered by {r['nsq_calib']}" if r["nsq_calib"]
+                                                            else "not centered"))
         print(format_table(run))
     out: dict = {**settings, **runs[0]} if not sweep else {**settings, "sweep_ctx": sweep, "runs": runs}
     if sweep:

@@ -3,6 +3,7 @@ clears and context shifts, and refused when they do not fit."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -46,7 +47,7 @@ def test_centering_lowers_the_error_and_is_really_applied(tool, smollm2, wikitex
     f16, _ = perplexity(tool, smollm2, wikitext, "f16")
     plain, _ = perplexity(tool, smollm2, wikitext, "nsq4")
     centered, log = perplexity(tool, smollm2, wikitext, "nsq4", env={"LLAMA_NSQ_CALIB": str(calib)})
-    assert "nsq4: K centered by the calibrated channel means of 30 layers" in log
+    assert f"nsq4: K centered by the calibrated means of 30 layers from {calib}" in log
     assert abs(centered - f16) < abs(plain - f16), (f16, plain, centered)
     # a mean of 50 in every channel is exact under softmax, but the quantizer then sees mostly the offset: if the
     # means were not subtracted (or were lost when llama-perplexity clears the cache per chunk) nothing would change
@@ -120,7 +121,7 @@ def test_context_shift_keeps_the_mean(smollm2, wikitext, calib, rotation, monkey
         fresh = llama_cpp.Llama(**kw)
         return float(kld(_decode(fresh, head[128:] + tail, 0, len(tail)), shifted).mean())
 
-    plain, centered = shifted_vs_fresh(None), shifted_vs_fresh(calib)
+    plain, centered = shifted_vs_fresh(False), shifted_vs_fresh(calib)
     # the fresh and the shifted cache hold differently rounded keys, so neither is 0; a lost mean costs far more
     assert centered < max(2 * plain, 0.05), (plain, centered)
 
@@ -145,3 +146,201 @@ def test_state_save_and_load_keeps_the_centered_cache(smollm2, wikitext, calib):
     b = llama_cpp.Llama(**kw)
     assert llama_cpp.llama_state_set_data(b.ctx, buf, size) == size
     np.testing.assert_array_equal(_decode(b, tokens[180:], 180, 20), want)
+
+
+@pytest.fixture(scope="module")
+def empty_cache(tmp_path_factory):
+    """An empty nsq-local cache folder, as a new user has one."""
+    path = tmp_path_factory.mktemp("nsq-cache")
+    saved = os.environ.get("NSQ_CACHE_DIR")
+    os.environ["NSQ_CACHE_DIR"] = str(path)
+    yield path
+    if saved is None:
+        del os.environ["NSQ_CACHE_DIR"]
+    else:
+        os.environ["NSQ_CACHE_DIR"] = saved
+
+
+def _logits(smollm2, tokens: list[int], **kw) -> tuple[np.ndarray, object]:
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(smollm2), n_ctx=256, type_k="nsq4", type_v="nsq4", verbose=False, **kw)
+    return _decode(llm, tokens, 0, 32), llm
+
+
+def test_llama_centers_nsq4_by_default(smollm2, wikitext, empty_cache, capfd):
+    """Llama(type_k="nsq4") calibrates once per model file into the cache folder and centers K by it; the same
+    file given explicitly gives the same logits bit for bit; nsq_calib=False does not center (other logits)."""
+    import hashlib
+
+    import llama_cpp
+
+    tokens = llama_cpp.Llama(model_path=str(smollm2), vocab_only=True, verbose=False).tokenize(
+        wikitext.read_text(encoding="utf-8")[:2000].encode())[:200]
+    default, llm = _logits(smollm2, tokens)
+    err = capfd.readouterr().err
+    (made,) = (empty_cache / "calibration").glob("*.nsq.gguf")
+    assert llm.nsq_calib == made
+    assert f"calibrating the NSQ4 K cache for {smollm2.name}" in err and f"K means kept in {made}" in err
+    meta, tensors = calibrate.read_gguf(made)
+    assert meta["nsq.calibration.model_sha256"] == hashlib.sha256(smollm2.read_bytes()).hexdigest()
+    assert sorted(tensors) == sorted(f"nsq.k_mean.{il}" for il in range(30))
+
+    stamp = made.stat().st_mtime_ns
+    explicit, llm = _logits(smollm2, tokens, nsq_calib=made)
+    again, llm = _logits(smollm2, tokens)
+    assert "calibrating" not in capfd.readouterr().err and made.stat().st_mtime_ns == stamp
+    np.testing.assert_array_equal(default, explicit)
+    np.testing.assert_array_equal(default, again)
+    off, llm = _logits(smollm2, tokens, nsq_calib=False)
+    assert llm.nsq_calib is None
+    assert not np.array_equal(off, default)
+
+
+def test_llama_log_says_whether_k_is_centered(smollm2, calib, capfd):
+    import llama_cpp
+
+    llama_cpp.Llama(model_path=str(smollm2), n_ctx=64, type_k="nsq4", type_v="nsq4", nsq_calib=calib, verbose=True)
+    assert f"nsq4: K centered by the calibrated means of 30 layers from {calib}" in capfd.readouterr().err
+    llama_cpp.Llama(model_path=str(smollm2), n_ctx=64, type_k="nsq4", type_v="nsq4", nsq_calib=False, verbose=True)
+    assert "nsq4: K not centered (no calibration" in capfd.readouterr().err
+
+
+def test_off_switch_wins_over_the_environment(smollm2, calib, monkeypatch):
+    import llama_cpp
+
+    monkeypatch.setenv("LLAMA_NSQ_CALIB", str(calib))
+    kw = dict(model_path=str(smollm2), n_ctx=64, type_k="nsq4", type_v="nsq4", verbose=False)
+    assert llama_cpp.Llama(**kw).nsq_calib == calib
+    assert llama_cpp.Llama(**kw, nsq_calib=False).nsq_calib is None
+    assert os.environ["LLAMA_NSQ_CALIB"] == str(calib)
+
+
+def test_calibration_of_another_model_file_is_refused(smollm2, calib, tmp_path):
+    """The calibration records the model file's sha256: a copy is accepted, a changed file is not, and the
+    remembered identity follows a change made in place."""
+    import shutil
+
+    import llama_cpp
+
+    copy = tmp_path / smollm2.name
+    shutil.copyfile(smollm2, copy)
+    assert calibrate.model_id(copy) == calibrate.model_id(smollm2)
+    assert llama_cpp.Llama(model_path=str(copy), n_ctx=64, type_k="nsq4", type_v="nsq4", nsq_calib=calib,
+                           verbose=False).nsq_calib == calib
+    with open(copy, "r+b") as f:  # one byte of the last tensor's data
+        f.seek(-100, os.SEEK_END)
+        b = f.read(1)
+        f.seek(-100, os.SEEK_END)
+        f.write(bytes([b[0] ^ 1]))
+    assert calibrate.model_id(copy) != calibrate.model_id(smollm2)
+    with pytest.raises(ValueError, match="was made for another model file"):
+        llama_cpp.Llama(model_path=str(copy), n_ctx=64, type_k="nsq4", type_v="nsq4", nsq_calib=calib, verbose=False)
+
+
+def test_state_of_another_calibration_is_refused(smollm2, wikitext, calib, tmp_path):
+    """A state records which calibration its nsq4 keys were centered by: loading it (whole, per sequence, from a
+    file) into a context centered otherwise, or not at all, is an error; the same calibration loads."""
+    import ctypes
+
+    import llama_cpp
+
+    other = write_means(tmp_path / "other.gguf", [m * 1.5 for m in calibrate.read_gguf(calib)[1].values()])
+    tokens = llama_cpp.Llama(model_path=str(smollm2), vocab_only=True, verbose=False).tokenize(
+        wikitext.read_text(encoding="utf-8")[:2000].encode())[:100]
+
+    def ctx(nsq_calib):
+        return llama_cpp.Llama(model_path=str(smollm2), n_ctx=256, type_k="nsq4", type_v="nsq4", verbose=False,
+                               nsq_calib=nsq_calib)
+
+    saved = ctx(calib)
+    _decode(saved, tokens, 0, 1)
+    state = saved.save_state()
+    size = llama_cpp.llama_state_seq_get_size(saved.ctx, 0)
+    seq = (ctypes.c_uint8 * size)()
+    assert llama_cpp.llama_state_seq_get_data(saved.ctx, seq, size, 0) == size
+    path = str(tmp_path / "state.bin").encode()
+    toks = (llama_cpp.llama_token * len(tokens))(*tokens)
+    assert llama_cpp.llama_state_save_file(saved.ctx, path, toks, len(tokens))
+
+    for nsq_calib, centering in ((False, "this context's not centered"), (other, "this context's centered by")):
+        llm = ctx(nsq_calib)
+        with pytest.raises(RuntimeError, match=f"the state's nsq4 keys \\(layer 0\\) are centered by calibration "
+                                               f"[0-9a-f]{{16}}, {centering}"):
+            llm.load_state(state)
+        assert llama_cpp.llama_state_seq_set_data(llm.ctx, seq, size, 0) == 0
+        out = (llama_cpp.llama_token * 256)()
+        n = ctypes.c_size_t(0)
+        assert not llama_cpp.llama_state_load_file(llm.ctx, path, out, 256, ctypes.byref(n))
+    same = ctx(calib)
+    same.load_state(state)
+    assert llama_cpp.llama_state_seq_set_data(same.ctx, seq, size, 0) == size
+
+
+def test_tools_take_the_calibration_as_an_option(tool, smollm2, wikitext, calib):
+    by_option, log = perplexity(tool, smollm2, wikitext, "nsq4", extra=("--nsq-calib", calib))
+    assert f"nsq4: K centered by the calibrated means of 30 layers from {calib}" in log
+    by_env, _ = perplexity(tool, smollm2, wikitext, "nsq4", env={"LLAMA_NSQ_CALIB": str(calib)})
+    plain, log = perplexity(tool, smollm2, wikitext, "nsq4")
+    assert "nsq4: K not centered (no calibration" in log
+    assert by_option == by_env != plain
+
+
+UNCENTERABLE = {  # shape: (writer, what llama.cpp says about it)
+    "gemma2-softcap": ("write_tiny_gemma2_softcap", "its attention scores are soft-capped"),
+    "gpt-oss-sinks": ("write_tiny_gpt_oss", "its attention has learned sinks"),
+    "deepseek2-mla": ("write_tiny_deepseek2_mla", "its attention (MLA) reads V as a view of the K cache"),
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_models(upstream_tree, tmp_path_factory) -> dict[str, Path]:
+    import tiny_gguf
+
+    folder = tmp_path_factory.mktemp("tiny-shapes")
+    gguf_py = upstream_tree / "vendor" / "llama.cpp" / "gguf-py"
+    models = {name: getattr(tiny_gguf, writer)(folder / f"{name}.gguf", gguf_py)
+              for name, (writer, _) in UNCENTERABLE.items()}
+    models["llama"] = tiny_gguf.write_tiny_llama(folder / "llama.gguf", gguf_py, head_size=64)
+    return models
+
+
+@pytest.mark.parametrize("shape", sorted(UNCENTERABLE))
+def test_centering_is_refused_where_it_is_not_exact(shape, tiny_models, empty_cache, tmp_path, capfd):
+    """Softcapped scores, learned sinks and MLA (V a view of K): a calibration given explicitly is refused with the
+    reason, the default path runs uncentered with a one-line warning and makes no calibration."""
+    import llama_cpp
+
+    model, why = tiny_models[shape], UNCENTERABLE[shape][1]
+    kw = dict(model_path=str(model), n_ctx=64, type_k="nsq4", type_v="nsq4", verbose=False)
+    anyfile = write_means(tmp_path / "means.gguf", [np.zeros(64)])
+    with pytest.raises(ValueError, match=re.escape(f"calibration file '{anyfile}' cannot be used with this model: "
+                                                   f"{why}")):
+        llama_cpp.Llama(**kw, nsq_calib=anyfile)
+    capfd.readouterr()
+    llm = llama_cpp.Llama(**kw)
+    warnings = [ln for ln in capfd.readouterr().err.splitlines() if "warning" in ln]
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith(f"nsq-local: warning: the nsq4 K cache of {model.name} is not centered: {why}")
+    assert llm.nsq_calib is None
+    assert not list((empty_cache / "calibration").glob(f"{model.stem}-*"))
+    assert np.isfinite(_decode(llm, [1, 50, 60, 70], 0, 1)).all()
+
+
+def test_centering_of_a_plain_model_of_the_same_size_is_made(tiny_models, empty_cache):
+    """The negative control of the refusals: a tiny llama with the same head size is calibrated and centered."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(tiny_models["llama"]), n_ctx=64, type_k="nsq4", type_v="nsq4",
+                          verbose=False)
+    assert llm.nsq_calib is not None and llm.nsq_calib.parent == empty_cache / "calibration"
+
+
+def test_tools_refuse_a_calibration_where_centering_is_not_exact(tool, tiny_models, wikitext, tmp_path):
+    anyfile = write_means(tmp_path / "means.gguf", [np.zeros(64)])
+    proc = subprocess.run([str(tool("llama-perplexity")), "-m", str(tiny_models["gemma2-softcap"]), "-f",
+                           str(wikitext), "-c", "64", "--chunks", "1", "-fa", "on", "-ctk", "nsq4", "-ctv", "nsq4",
+                           "--nsq-calib", str(anyfile)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert f"the NSQ4 calibration file '{anyfile}' cannot be used with this model: its attention scores are " \
+           "soft-capped" in proc.stdout + proc.stderr

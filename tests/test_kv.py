@@ -19,7 +19,9 @@ def tokens(smollm2, wikitext) -> np.ndarray:
 
 
 def stored(model, tokens, type_k: str, type_v: str, rotation: bool) -> list[capture.CacheLayer]:
-    with capture.Session(model, n_ctx=N, type_k=type_k, type_v=type_v, rotation=rotation, n_threads=THREADS) as s:
+    # an nsq4 K uncentered: the requantized captures below are of the keys as computed
+    with capture.Session(model, n_ctx=N, type_k=type_k, type_v=type_v, rotation=rotation, n_threads=THREADS,
+                         nsq_calib=False if type_k == "nsq4" else None) as s:
         s.decode(tokens, 0, logits=False)
         return capture.read_cache(s)
 
@@ -65,7 +67,8 @@ def requantized(qkv: capture.QKV, layers: list[capture.CacheLayer], cache: str, 
 @pytest.mark.parametrize("cache", ["q8_0", "q4_0", "nsq4"])
 def test_captured_kv_quantized_is_what_the_cache_stores(smollm2, tokens, cache):
     """Without rotation, bit for bit: the captured K/V and the quantizer reproduce every stored block."""
-    qkv = capture.capture_qkv(smollm2, tokens, type_k=cache, type_v=cache, rotation=False, n_threads=THREADS)
+    qkv = capture.capture_qkv(smollm2, tokens, type_k=cache, type_v=cache, rotation=False, n_threads=THREADS,
+                              nsq_calib=False if cache == "nsq4" else None)
     for what, ours, theirs in requantized(qkv, stored(smollm2, tokens, cache, cache, False), cache, False):
         assert np.array_equal(ours, theirs), what
 
@@ -75,7 +78,8 @@ def test_kv_rotate_is_upstreams_rotation(smollm2, tokens, cache):
     """With upstream's rotation, kv.rotate + the quantizer reproduce the stored blocks, except the rare block where
     ggml's matrix product rounds a rotated value differently from numpy's (measured: 11 of 34560 q4_0 blocks,
     3 of 17280 nsq4 blocks); an unrotated or wrongly rotated quantization differs in almost every block."""
-    qkv = capture.capture_qkv(smollm2, tokens, type_k=cache, type_v=cache, rotation=True, n_threads=THREADS)
+    qkv = capture.capture_qkv(smollm2, tokens, type_k=cache, type_v=cache, rotation=True, n_threads=THREADS,
+                              nsq_calib=False if cache == "nsq4" else None)
     layers = stored(smollm2, tokens, cache, cache, True)
     differ = total = unrotated_differ = 0
     for (what, ours, theirs), (_, plain, _) in zip(requantized(qkv, layers, cache, True),
@@ -117,7 +121,7 @@ def test_attention_matches_a_per_token_loop():
 def report(smollm2, wikitext, tmp_path_factory):
     out = tmp_path_factory.mktemp("kv")
     rc = kv.main(["-m", str(smollm2), "-f", str(wikitext), "-c", "64", "-t", str(THREADS),
-                  "--types", "f16,q8_0,q4_0,nsq4", "--out", str(out)])
+                  "--types", "f16,q8_0,q4_0,nsq4,nsq4-uncentered", "--out", str(out)])
     assert rc == 0
     return out, json.loads((out / "kv.json").read_text())
 
@@ -129,7 +133,8 @@ def test_json_schema(report):
     for key, grid in r["stats"].items():
         assert np.asarray(grid).shape == (30, 3), key
         assert np.isfinite(grid).all() and (np.asarray(grid) > 0).all(), key
-    assert list(r["types"]) == ["f16", "q8_0", "q4_0", "nsq4"]
+    assert list(r["types"]) == ["f16", "q8_0", "q4_0", "nsq4", "nsq4-uncentered"]
+    assert r["nsq_calib"].endswith(".nsq.gguf")  # nsq4 as shipped: the default calibration
     for t, x in r["types"].items():
         assert np.asarray(x["k_err"]).shape == np.asarray(x["v_err"]).shape == (30, 3)
         assert len(x["attn_cos"]) == 30 and all(0.9 < c <= 1 + 1e-9 for c in x["attn_cos"])
@@ -142,6 +147,9 @@ def test_figures_order_the_types(report):
     assert t["f16"]["k_err_mean"] < t["q8_0"]["k_err_mean"] < t["q4_0"]["k_err_mean"]
     assert t["f16"]["attn_cos_mean"] > t["q8_0"]["attn_cos_mean"] > t["q4_0"]["attn_cos_mean"]
     assert 0 < t["nsq4"]["k_err_mean"] < 0.2
+    # centering is what the as-shipped row measures: without it, K's error is larger
+    assert t["nsq4"]["k_err_mean"] < 0.8 * t["nsq4-uncentered"]["k_err_mean"]
+    assert t["nsq4"]["v_err_mean"] == t["nsq4-uncentered"]["v_err_mean"]
     # rotation spreads SmolLM2's outlier channels: the absmax ratio drops, the norms (rotation-invariant) do not move
     s = r["stats"]
     assert np.mean(s["k_absmax_ratio_after_rot"]) < 0.7 * np.mean(s["k_absmax_ratio_before_rot"])

@@ -67,7 +67,7 @@ def test_score_matches_a_direct_computation():
 
 
 RESULT_KEYS = {"type_k", "type_v", "attn_rot_k", "attn_rot_v", "ppl", "delta_ppl", "kld_mean", "kld_se", "kld_p99",
-               "top1_agree", "tokens", "seconds"}
+               "top1_agree", "tokens", "seconds", "nsq_calib"}
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +75,8 @@ def no_rot_run(smollm2, wikitext, nsq_calib, tmp_path_factory):
     out = tmp_path_factory.mktemp("ppl") / "r.json"
     # nsq4 as nsq-local ships it: K centered by nsq-calibrate's means
     rc = ppl.main(["-m", str(smollm2), "-f", str(wikitext), "-c", str(C), "--chunks", "3", "-t", str(THREADS),
-                   "--no-rot", "-ctk", "nsq4", "-ctv", "nsq4", "-ctk", "q4_0", "-ctv", "q4_0", "--json", str(out),
-                   "--nsq-calib", str(nsq_calib)])
+                   "--no-rot", "-ctk", "nsq4", "-ctv", "nsq4", "-ctk", "q4_0", "-ctv", "q4_0", "-ctk",
+                   "nsq4-uncentered", "-ctv", "nsq4", "--json", str(out), "--nsq-calib", str(nsq_calib)])
     assert rc == 0
     return json.loads(out.read_text())
 
@@ -88,7 +88,9 @@ def test_json_schema_and_consistency(no_rot_run):
     base = r["baseline"]
     assert set(base) == RESULT_KEYS and (base["type_k"], base["type_v"]) == ("f16", "f16")
     assert base["kld_mean"] is None and 1 < base["ppl"] < 1000
-    assert [(x["type_k"], x["type_v"]) for x in r["results"]] == [("nsq4", "nsq4"), ("q4_0", "q4_0")]
+    assert [(x["type_k"], x["type_v"]) for x in r["results"]] == [("nsq4", "nsq4"), ("q4_0", "q4_0"),
+                                                                    ("nsq4-uncentered", "nsq4")]
+    assert [x["nsq_calib"] is None for x in r["results"]] == [False, True, True]
     for x in r["results"]:
         assert set(x) == RESULT_KEYS
         assert x["tokens"] == r["tokens_scored"]
@@ -98,8 +100,11 @@ def test_json_schema_and_consistency(no_rot_run):
         assert 0.5 < x["top1_agree"] < 1
 
 
-def test_nsq4_kld_without_rotation(no_rot_run):
-    nsq4, q4_0 = no_rot_run["results"]
+def test_nsq4_kld_without_rotation(no_rot_run, nsq_calib):
+    nsq4, q4_0, uncentered = no_rot_run["results"]
+    assert nsq4["nsq_calib"] == str(nsq_calib)
+    # the negative control: the same cache without centering is worse
+    assert nsq4["kld_mean"] < uncentered["kld_mean"]
     print(f"no rotation, -c {C}: KLD nsq4 {nsq4['kld_mean']:.5f}, q4_0 {q4_0['kld_mean']:.5f}")
     assert nsq4["kld_mean"] > 0
     # issue 4's check. Without its K centering nsq4 is not reliably below q4_0 here (0.125 vs 0.113 at -c 256, 3

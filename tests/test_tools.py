@@ -28,9 +28,10 @@ def test_quantize_fns_nsq4(tool):
     assert "0 tests failed" in out
 
 
-def perplexity(tool, model: Path, text: Path, cache: str, env: dict | None = None) -> tuple[float, str]:
+def perplexity(tool, model: Path, text: Path, cache: str, env: dict | None = None,
+               extra: tuple = ()) -> tuple[float, str]:
     out = run([tool("llama-perplexity"), "-m", model, "-f", text, "-c", 1024, "--chunks", 2, "-fa", "on",
-               "-ctk", cache, "-ctv", cache, "-t", os.cpu_count() or 2, "-lv", 4], env=env)
+               "-ctk", cache, "-ctv", cache, "-t", os.cpu_count() or 2, "-lv", 4, *extra], env=env)
     m = re.search(r"Final estimate: PPL = ([0-9.]+)", out)
     assert m, out[-2000:]
     return float(m.group(1)), out
