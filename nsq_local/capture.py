@@ -141,6 +141,8 @@ class Session:
 
         from llama_cpp import _logger
 
+        # for this session's life: a Session opened inside llama_cpp.Llama (its default calibration) hands it back
+        self._log_level = _logger.logger.level
         _logger.set_verbose(verbose)
         _install_log()
         llama_cpp.llama_backend_init()
@@ -232,6 +234,11 @@ class Session:
         if self.model:
             llama_cpp.llama_model_free(self.model)
             self.model = None
+        if getattr(self, "_log_level", None) is not None:
+            from llama_cpp import _logger
+
+            _logger.logger.setLevel(self._log_level)
+            self._log_level = None
 
     def tokenize(self, text: str, add_special: bool = True) -> npt.NDArray[np.int32]:
         import llama_cpp

@@ -327,13 +327,15 @@ def test_centering_is_refused_where_it_is_not_exact(shape, tiny_models, empty_ca
     assert np.isfinite(_decode(llm, [1, 50, 60, 70], 0, 1)).all()
 
 
-def test_centering_of_a_plain_model_of_the_same_size_is_made(tiny_models, empty_cache):
-    """The negative control of the refusals: a tiny llama with the same head size is calibrated and centered."""
+def test_centering_of_a_plain_model_of_the_same_size_is_made(tiny_models, empty_cache, capfd):
+    """The negative control of the refusals: a tiny llama with the same head size is calibrated and centered, and
+    llama.cpp's log, which the calibration run quiets while it runs, says so when verbose."""
     import llama_cpp
 
     llm = llama_cpp.Llama(model_path=str(tiny_models["llama"]), n_ctx=64, type_k="nsq4", type_v="nsq4",
-                          verbose=False)
+                          verbose=True)
     assert llm.nsq_calib is not None and llm.nsq_calib.parent == empty_cache / "calibration"
+    assert f"nsq4: K centered by the calibrated means of 1 layers from {llm.nsq_calib}" in capfd.readouterr().err
 
 
 def test_tools_refuse_a_calibration_where_centering_is_not_exact(tool, tiny_models, wikitext, tmp_path):
