@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nsq_local import calibrate, models  # noqa: E402
+from nsq_local import calibrate, capture, models  # noqa: E402
 from nsq_local.ppl import Progress, score  # noqa: E402
 
 MODELS = {"smollm2": ("SmolLM2-135M-Instruct (Q4_1, head 64)", models.smollm2),
@@ -76,10 +76,9 @@ def main() -> int:
         calib = args.work / f"{key}.nsq.gguf"
         if not calib.is_file():  # what `nsq-calibrate -m MODEL -o FILE` makes
             calibrate.calibrate(model, calib)
-        llm = open_llama(model, args.ctx_size, args.threads)
-        tokens = np.array(llm.tokenize(body.encode()), dtype=np.int32)
-        bos = llm.token_bos() if llm._model.add_bos_token() else None
-        del llm
+        with capture.Session(model, n_ctx=64) as s:  # as nsq-ppl and llama-perplexity tokenize
+            tokens = s.tokenize(body)
+            bos = s.bos if s.add_bos else None
         first, n = args.skip, min(args.chunks, len(tokens) // args.ctx_size - args.skip)
         if n <= 0:
             raise SystemExit(f"{text} has {len(tokens)} tokens of {key}: too few for --skip {args.skip} windows "

@@ -34,6 +34,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import numpy.typing as npt
 
+from nsq_local.models import cache_dir, file_sha256
 from nsq_local.reference import QK
 
 CALIB_ENV = "LLAMA_NSQ_CALIB"
@@ -124,10 +125,6 @@ def read_gguf(path: Path) -> tuple[dict[str, str], dict[str, npt.NDArray[np.floa
     return meta, {t.name: np.array(t.data, dtype=np.float32) for t in reader.tensors}
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("NSQ_CACHE_DIR", Path.home() / ".cache" / "nsq-local"))
-
-
 def model_id(model: Path) -> str:
     """The sha256 of the model file, remembered per path, size and modification time so that a file is read once."""
     model = Path(model).resolve()
@@ -136,15 +133,12 @@ def model_id(model: Path) -> str:
         f"{model}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}".encode()).hexdigest()[:32]
     if memo.is_file():
         return memo.read_text().strip()
-    h = hashlib.sha256()
-    with open(model, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
+    digest = file_sha256(model)
     memo.parent.mkdir(parents=True, exist_ok=True)
     tmp = memo.with_name(memo.name + f".tmp{os.getpid()}")
-    tmp.write_text(h.hexdigest() + "\n")
+    tmp.write_text(digest + "\n")
     tmp.replace(memo)
-    return h.hexdigest()
+    return digest
 
 
 # Per-layer precision (llama.cpp patch 0009): the few layers whose nsq4 keys harm attention far more than the model's
@@ -246,11 +240,12 @@ def cached(model: Path, progress: bool = True) -> Path:
     """The calibration of `model` from the built-in text, made once per model file and kept in the cache folder."""
     model = Path(model).resolve()
     cache = cache_dir() / "calibration"
-    out = cache / f"{model.stem}-{model_id(model)[:16]}.nsq.gguf"
+    # the version in the name: a file cached before per-layer precision and two windows (v3) is made again
+    out = cache / f"{model.stem}-{model_id(model)[:16]}.v3.nsq.gguf"
     if not out.is_file():
         if progress:
             print(f"nsq-local: calibrating the NSQ4 K cache for {model.name} (once per model file)", file=sys.stderr)
-        calibrate(model, out, chunks=1, progress=progress)
+        calibrate(model, out, progress=progress)  # what `nsq-calibrate -m MODEL` makes
         if progress:
             print(f"nsq-local: K means kept in {out}", file=sys.stderr)
     return out

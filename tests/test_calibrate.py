@@ -185,6 +185,8 @@ def test_llama_centers_nsq4_by_default(smollm2, wikitext, empty_cache, capfd):
     meta, tensors = calibrate.read_gguf(made)
     assert meta["nsq.calibration.model_sha256"] == hashlib.sha256(smollm2.read_bytes()).hexdigest()
     assert sorted(tensors) == sorted(f"nsq.k_mean.{il}" for il in range(30))
+    # SmolLM2 has no outlier layer: no layer is given a wider type (the rule's negative case)
+    assert not [key for key in meta if key.startswith(("nsq.k_type", "nsq.v_type"))]
 
     stamp = made.stat().st_mtime_ns
     explicit, llm = _logits(smollm2, tokens, nsq_calib=made)
@@ -346,3 +348,34 @@ def test_tools_refuse_a_calibration_where_centering_is_not_exact(tool, tiny_mode
     assert proc.returncode != 0
     assert f"the NSQ4 calibration file '{anyfile}' cannot be used with this model: its attention scores are " \
            "soft-capped" in proc.stdout + proc.stderr
+
+
+def test_per_layer_types_from_the_calibration(smollm2, wikitext, calib, tmp_path, capfd):
+    """nsq.k_type.<layer> / nsq.v_type.<layer> in a calibration store those layers in that type: every layer in
+    q8_0 gives a plain q8_0 cache's logits bit for bit; one f16 K layer changes them and is counted in the size log."""
+    import llama_cpp
+
+    means = list(calibrate.read_gguf(calib)[1].values())
+    all_q8 = tmp_path / "all-q8.gguf"
+    calibrate.write_gguf(all_q8, means, {**{f"nsq.k_type.{il}": "q8_0" for il in range(30)},
+                                         **{f"nsq.v_type.{il}": "q8_0" for il in range(30)}})
+    one_f16 = tmp_path / "one-f16.gguf"
+    calibrate.write_gguf(one_f16, means, {"nsq.k_type.0": "f16"})
+    tokens = llama_cpp.Llama(model_path=str(smollm2), vocab_only=True, verbose=False).tokenize(
+        wikitext.read_text(encoding="utf-8")[:2000].encode())[:120]
+
+    def logits(type_kv: str, nsq_calib, verbose: bool = False) -> np.ndarray:
+        llm = llama_cpp.Llama(model_path=str(smollm2), n_ctx=256, type_k=type_kv, type_v=type_kv, verbose=verbose,
+                              **({"nsq_calib": nsq_calib} if type_kv == "nsq4" else {}))
+        return _decode(llm, tokens, 0, 20)
+
+    np.testing.assert_array_equal(logits("nsq4", all_q8), logits("q8_0", None))
+    capfd.readouterr()
+    wider = logits("nsq4", one_f16, verbose=True)
+    log = capfd.readouterr().err
+    assert "K f16: layers 0" in log, log[-2000:]
+    assert not np.array_equal(wider, logits("nsq4", calib))
+    bad = tmp_path / "bad.gguf"
+    calibrate.write_gguf(bad, means, {"nsq.k_type.3": "q3_x"})
+    with pytest.raises(ValueError, match="stores K of layer 3 as 'q3_x'"):
+        logits("nsq4", bad)
