@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nsq_local import calibrate, capture, models  # noqa: E402
 from nsq_local.ppl import Progress, score  # noqa: E402
+from quality import WIKITEXT_HEAD  # noqa: E402
 
 MODELS = {"smollm2": ("SmolLM2-135M-Instruct (Q4_1, head 64)", models.smollm2),
           "gemma3": ("Gemma 3 270M (Q4_K_M, head 256, SWA)", models.gemma3_270m)}
@@ -64,8 +65,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=Path("docs/default-path"), help="writes OUT.json and OUT.md")
     args = ap.parse_args()
 
-    root = Path(__file__).resolve().parents[1]
-    text = args.file or Path(os.environ.get("NSQ_WIKITEXT", root / "tests" / "data" / "wikitext-2-test-head.txt"))
+    text = args.file or Path(os.environ.get("NSQ_WIKITEXT", WIKITEXT_HEAD))
     if not text.is_file():
         raise SystemExit(f"not found: {text}")
     body = text.read_bytes().decode("utf-8", errors="replace")
