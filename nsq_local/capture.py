@@ -143,6 +143,9 @@ class Session:
 
         # for this session's life: a Session opened inside llama_cpp.Llama (its default calibration) hands it back
         self._log_level = _logger.logger.level
+        # and the callback it found, which may be another tap (kvcache.open_llama's reads the cache's size)
+        self._log_prev, self._log_prev_data = llama_cpp.llama_log_callback(), ctypes.c_void_p()
+        llama_cpp.llama_log_get(ctypes.byref(self._log_prev), ctypes.byref(self._log_prev_data))
         _logger.set_verbose(verbose)
         _install_log()
         llama_cpp.llama_backend_init()
@@ -238,6 +241,7 @@ class Session:
             from llama_cpp import _logger
 
             _logger.logger.setLevel(self._log_level)
+            llama_cpp.llama_log_set(self._log_prev, self._log_prev_data)
             self._log_level = None
 
     def tokenize(self, text: str, add_special: bool = True) -> npt.NDArray[np.int32]:
