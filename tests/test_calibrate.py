@@ -379,3 +379,54 @@ def test_per_layer_types_from_the_calibration(smollm2, wikitext, calib, tmp_path
     calibrate.write_gguf(bad, means, {"nsq.k_type.3": "q3_x"})
     with pytest.raises(ValueError, match="stores K of layer 3 as 'q3_x'"):
         logits("nsq4", bad)
+
+
+def _kld(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
+    lp = p_logits - np.logaddexp.reduce(p_logits, axis=1, keepdims=True)
+    lq = q_logits - np.logaddexp.reduce(q_logits, axis=1, keepdims=True)
+    return float(np.mean(np.sum(np.exp(lp) * (lp - lq), axis=1)))
+
+
+@pytest.mark.parametrize("bias", ["spinning", "none"])
+def test_default_calibration_widens_an_outlier_layer(bias, upstream_tree, empty_cache, capfd, tmp_path):
+    """The per-layer rule on the default path: a tiny 12-layer llama whose layer 0 has a large K bias in its
+    fastest-turning RoPE pairs (Qwen2.5-0.5B's failure: no fixed mean takes a turning bias off) gets that layer's K
+    in a wider type from the calibration Llama() makes, the log counts it in bits/value, and it brings the logits
+    closer to an f16 cache's than centering alone. The same model without the bias (the negative control) gets no
+    wider layer."""
+    import llama_cpp
+    import tiny_gguf
+
+    head_size, n_layer = 64, 12
+    k_bias = np.zeros(2 * head_size)
+    for h in range(2):
+        k_bias[h * head_size:h * head_size + 16] = 30.0  # RoPE pairs 0-7: periods of 6 to 30 tokens
+    model = tiny_gguf.write_tiny_llama(tmp_path / f"tiny-{bias}.gguf", upstream_tree / "vendor" / "llama.cpp" / "gguf-py",
+                                       head_size=head_size, n_layer=n_layer,
+                                       k_bias={0: k_bias} if bias == "spinning" else None)
+    tokens = [1] + list(np.random.default_rng(0).integers(3, tiny_gguf.N_VOCAB, 255))
+
+    def logits(type_k: str, type_v: str = "nsq4", **kw) -> np.ndarray:
+        llm = llama_cpp.Llama(model_path=str(model), n_ctx=256, type_k=type_k, type_v=type_v, verbose=True, **kw)
+        return _decode(llm, tokens, 0, 128), llm
+
+    capfd.readouterr()
+    _, llm = logits("nsq4")
+    log = capfd.readouterr().err
+    meta, tensors = calibrate.read_gguf(llm.nsq_calib)
+    wider = {key: t for key, t in meta.items() if key.startswith(("nsq.k_type.", "nsq.v_type."))}
+    if bias == "none":
+        assert wider == {} and "per-layer precision from" not in log
+        return
+    assert list(wider) == ["nsq.k_type.0"] and wider["nsq.k_type.0"] in calibrate.LAYER_TYPES, wider
+    assert f"K {wider['nsq.k_type.0']}: layers 0" in log, log[-2000:]
+    bits = float(re.search(r"per-layer precision from .*K\+V ([0-9.]+)", log).group(1))
+    assert 4.25 < bits <= calibrate.LAYER_BITS_BUDGET
+    centering = tmp_path / "centering.gguf"  # the same means, every layer's K in nsq4
+    calibrate.write_gguf(centering, [tensors[f"nsq.k_mean.{il}"] for il in range(n_layer)],
+                         {k: v for k, v in meta.items() if k not in wider})
+    # V in f16: the logits move by K alone
+    f16, _ = logits("f16", "f16")
+    shipped, _ = logits("nsq4", "f16", nsq_calib=llm.nsq_calib)
+    centered_only, _ = logits("nsq4", "f16", nsq_calib=centering)
+    assert _kld(f16, shipped) < 0.2 * _kld(f16, centered_only), (_kld(f16, shipped), _kld(f16, centered_only))

@@ -36,8 +36,8 @@ def _write_tiny(path: Path, gguf_py: Path, arch: str, *, n_embd: int, n_layer: i
     """The common part of every tiny model: the hparams that all architectures read, the tokenizer, token embedding,
     output norm and (unless `tied_output`) output, and the write-out. `add_kv(w)` adds the architecture's own keys to
     the gguf.GGUFWriter `w`; `layer_tensors(i)` gives the tensors of layer i as {name without "blk.i.": numpy shape}
-    (numpy shapes are ggml's ne reversed: a weight of ne {n_in, n_out} is (n_out, n_in) here). A name containing
-    "norm" is written as ones, everything else as N(0, 0.02)."""
+    (numpy shapes are ggml's ne reversed: a weight of ne {n_in, n_out} is (n_out, n_in) here), or an array to write as
+    it is. A name containing "norm" is written as ones, everything else as N(0, 0.02)."""
     sys.path.insert(0, str(gguf_py))
     try:
         import gguf
@@ -60,8 +60,11 @@ def _write_tiny(path: Path, gguf_py: Path, arch: str, *, n_embd: int, n_layer: i
     w.add_eos_token_id(2)
     rng = np.random.default_rng(seed)
 
-    def tensor(name: str, shape: Shape) -> None:
-        data = np.ones(shape) if "norm" in name else rng.standard_normal(shape) * 0.02
+    def tensor(name: str, shape) -> None:
+        if isinstance(shape, np.ndarray):
+            data = shape
+        else:
+            data = np.ones(shape) if "norm" in name else rng.standard_normal(shape) * 0.02
         w.add_tensor(name, data.astype(np.float32))
 
     tensor("token_embd.weight", (N_VOCAB, n_embd))
@@ -89,13 +92,17 @@ def _dense_ffn(n_embd: int, n_ff: int) -> dict[str, Shape]:
             "ffn_down.weight": (n_embd, n_ff)}
 
 
-def write_tiny_llama(path: Path, gguf_py: Path, head_size: int, n_head: int = 2) -> Path:
-    """One llama layer, n_embd = n_head * head_size, no GQA."""
+def write_tiny_llama(path: Path, gguf_py: Path, head_size: int, n_head: int = 2, n_layer: int = 1,
+                     k_bias: dict[int, np.ndarray] | None = None) -> Path:
+    """A llama, n_embd = n_head * head_size, no GQA; `k_bias` gives chosen layers a K projection bias (as Qwen2 has,
+    added before RoPE)."""
     n_embd, n_ff = n_head * head_size, 64
-    return _write_tiny(path, gguf_py, "llama", n_embd=n_embd, n_layer=1, n_head=n_head, n_head_kv=n_head, n_ff=n_ff,
-                       rms_eps=1e-5, add_kv=lambda w: w.add_rope_dimension_count(head_size),
+    k_bias = k_bias or {}
+    return _write_tiny(path, gguf_py, "llama", n_embd=n_embd, n_layer=n_layer, n_head=n_head, n_head_kv=n_head,
+                       n_ff=n_ff, rms_eps=1e-5, add_kv=lambda w: w.add_rope_dimension_count(head_size),
                        layer_tensors=lambda i: {"attn_norm.weight": (n_embd,),
                                                 **_attention(n_embd, n_head, n_head, head_size),
+                                                **({"attn_k.bias": k_bias[i].astype(np.float32)} if i in k_bias else {}),
                                                 **_dense_ffn(n_embd, n_ff)})
 
 
