@@ -24,13 +24,14 @@ import ctypes
 import os
 import re
 import struct
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import numpy.typing as npt
+
+from nsq_local._common import flash_attn_type, is_quantized, type_id
 
 ROT_ENV = "LLAMA_ATTN_ROT_DISABLE"
 CALIB_ENV = "LLAMA_NSQ_CALIB"
@@ -115,12 +116,6 @@ def _log_tail(n: int = 8) -> str:
     return "".join(_log_lines[-n:]).strip()
 
 
-def cache_type_id(name: Union[str, int]) -> int:
-    from llama_cpp.llama import ggml_type_from_name
-
-    return ggml_type_from_name(name)  # raises a ValueError that lists the valid names
-
-
 EvalCallback = Callable[[int, bool], bool]
 
 
@@ -153,9 +148,8 @@ class Session:
         if not self.model_path.is_file():
             raise FileNotFoundError(f"model file {self.model_path} does not exist")
         self.type_k, self.type_v = type_k, type_v
-        tk, tv = cache_type_id(type_k), cache_type_id(type_v)
-        quantized_v = tv not in (llama_cpp.GGML_TYPE_F32, llama_cpp.GGML_TYPE_F16, llama_cpp.GGML_TYPE_BF16)
-        if quantized_v and flash_attn is False:
+        tk, tv = type_id(type_k), type_id(type_v)  # a ValueError lists the valid names
+        if is_quantized(tv) and flash_attn is False:
             raise ValueError(f"a quantized V cache ({type_v}) requires flash attention: use -fa on (or auto)")
         self.model = self.ctx = None
         mparams = llama_cpp.llama_model_default_params()
@@ -177,9 +171,7 @@ class Session:
         threads = n_threads or os.cpu_count() or 1
         cparams.n_threads = cparams.n_threads_batch = threads
         cparams.type_k, cparams.type_v = tk, tv
-        cparams.flash_attn_type = {True: llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
-                                   False: llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
-                                   None: llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO}[flash_attn]
+        cparams.flash_attn_type = flash_attn_type(flash_attn)
         if eval_callback is not None:
             self._cb = llama_cpp.ggml_backend_sched_eval_callback(lambda t, ask, ud: eval_callback(t, ask))
             cparams.cb_eval = self._cb

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from nsq_local import models
-from nsq_local.kvcache import CACHE_TYPES, KVCacheSize, open_llama
+from nsq_local._common import CACHE_TYPES, FLASH_ATTN
+from nsq_local.kvcache import KVCacheSize, open_llama
 
 EXIT_USAGE = 2
 
@@ -46,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--cache-type", metavar="TYPE", help="cache type of both K and V (default: nsq4)")
     ap.add_argument("-ctk", "--cache-type-k", metavar="TYPE", help="cache type of K (overrides --cache-type)")
     ap.add_argument("-ctv", "--cache-type-v", metavar="TYPE", help="cache type of V (overrides --cache-type)")
-    ap.add_argument("-fa", "--flash-attn", choices=["on", "off", "auto"], default="auto",
+    ap.add_argument("-fa", "--flash-attn", choices=list(FLASH_ATTN), default="auto",
                     help="flash attention (default: auto = on when the V cache is quantized, which requires it)")
     ap.add_argument("--nsq-calib", metavar="FILE|none",
                     help="K-mean calibration of an nsq4 K cache (from nsq-calibrate); default: made once per model from "
@@ -203,7 +204,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         llm, kv = open_llama(
             verbose=args.verbose, model_path=str(model), n_ctx=args.ctx_size, type_k=type_k, type_v=type_v,
-            flash_attn={"on": True, "off": False, "auto": None}[args.flash_attn], n_threads=args.threads,
+            flash_attn=FLASH_ATTN[args.flash_attn], n_threads=args.threads,
             seed=args.seed if args.seed >= 0 else 0xFFFFFFFF, nsq_calib=calib,
         )
     except (ValueError, FileNotFoundError) as e:

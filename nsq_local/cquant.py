@@ -15,6 +15,8 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
+from nsq_local._common import type_id
+
 _to_float_t = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.POINTER(ctypes.c_float), ctypes.c_int64)
 _from_float_t = ctypes.CFUNCTYPE(None, ctypes.POINTER(ctypes.c_float), ctypes.c_void_p, ctypes.c_int64)
 
@@ -74,12 +76,6 @@ def _libs() -> tuple[ctypes.CDLL, ctypes.CDLL]:
     cpu.ggml_cpu_init.restype = None
     cpu.ggml_cpu_init()
     return base, cpu
-
-
-def type_id(name: str) -> int:
-    from llama_cpp.llama import ggml_type_from_name
-
-    return ggml_type_from_name(name)
 
 
 def block_info(name: str) -> tuple[int, int]:

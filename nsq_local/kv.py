@@ -37,12 +37,11 @@ import numpy as np
 import numpy.typing as npt
 
 from nsq_local import calibrate, capture, cquant, reference
-from nsq_local.kvcache import CACHE_TYPES, UNCENTERED, storage_type
+from nsq_local._common import CACHE_TYPES, UNCENTERED, is_quantized, storage_type
 from nsq_local.ppl import UsageError, pyplot
 
 EXIT_USAGE = 2
 DEFAULT_TYPES = ("f16", "q8_0", "q4_0", "iq4_nl", "nsq4", UNCENTERED)
-_UNROTATED = ("f16", "bf16", "f32")  # upstream rotates only quantized types
 
 
 def hadamard(n: int) -> npt.NDArray[np.float32]:
@@ -140,6 +139,8 @@ def analyse(qkv: capture.QKV, types: Sequence[str], rotation: bool = True, progr
     stats: dict[str, list] = {f"{w}_{m}_{when}": [] for w in "kv" for m in ("norm_cv", "absmax_ratio")
                               for when in ("before_rot", "after_rot")}
     per_type: dict[str, dict[str, list]] = {t: {"k_err": [], "v_err": [], "attn_cos": []} for t in types}
+    # upstream rotates only quantized types
+    rotated = {t: rotation and is_quantized(storage_type(t)) for t in types}
     start = time.perf_counter()
     for il in range(qkv.n_layer):
         k, v, q = qkv.k[il], qkv.v[il], qkv.q[il]
@@ -150,7 +151,7 @@ def analyse(qkv: capture.QKV, types: Sequence[str], rotation: bool = True, progr
                 stats[f"{w}_absmax_ratio_{when}"].append(ratio.tolist())
         ref = attention(q, k, v)
         for t in types:
-            rot_on = rotation and t not in _UNROTATED
+            rot_on = rotated[t]
             if t == "nsq4" and k_means is not None:
                 mean = k_means[il].reshape(k.shape[1:])
                 k2 = roundtrip(t, k - mean, rk if rot_on else None) + mean
@@ -168,7 +169,7 @@ def analyse(qkv: capture.QKV, types: Sequence[str], rotation: bool = True, progr
     return {"n_layer": qkv.n_layer, "n_head": qkv.n_head, "n_head_kv": qkv.n_head_kv, "head_dim_k": hd_k,
             "head_dim_v": hd_v, "n_tokens": int(qkv.k[0].shape[0]), "rot_block_k": rk, "rot_block_v": rv,
             "rotation": "on" if rotation else "off", "stats": stats,
-            "types": {t: {**per_type[t], "rotated": rotation and t not in _UNROTATED and rk is not None,
+            "types": {t: {**per_type[t], "rotated": rotated[t] and rk is not None,
                           "k_err_mean": float(np.mean(per_type[t]["k_err"])),
                           "v_err_mean": float(np.mean(per_type[t]["v_err"])),
                           "attn_cos_mean": float(np.mean(per_type[t]["attn_cos"]))} for t in types}}

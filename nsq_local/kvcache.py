@@ -1,21 +1,10 @@
-"""Cache-type names and the memory a llama.cpp KV cache really takes."""
+"""The memory a llama.cpp KV cache really takes."""
 from __future__ import annotations
 
 import ctypes
 import re
 from dataclasses import dataclass, field
 from typing import Any
-
-# llama.cpp's `-ctk/-ctv` choices, plus ours; any other ggml type name is accepted by llama_cpp as well
-CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1", "nsq4")
-# nsq4 as shipped centers K by a calibration (nsq_local.calibrate); the measuring tools take this name for the same
-# K cache without centering, to show what centering is worth
-UNCENTERED = "nsq4-uncentered"
-
-
-def storage_type(name: str) -> str:
-    """The ggml type a measured cache-type name stores its values in."""
-    return "nsq4" if name == UNCENTERED else name
 
 _KV_LINE = re.compile(r"llama_kv_cache: size = .*?K \((\w+)\):\s*([0-9.]+) MiB, V \((\w+)\):\s*([0-9.]+) MiB")
 

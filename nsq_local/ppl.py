@@ -40,7 +40,7 @@ import numpy as np
 import numpy.typing as npt
 
 from nsq_local.capture import LlamaError, Session
-from nsq_local.kvcache import CACHE_TYPES, UNCENTERED, storage_type
+from nsq_local._common import CACHE_TYPES, FLASH_ATTN, UNCENTERED, is_quantized, storage_type
 
 EXIT_USAGE = 2
 _ROWS = 64  # logits rows per log-softmax block: bounds the float64 temporaries to a few tens of MB
@@ -296,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="K cache type to compare; repeat, paired in order with -ctv")
     ap.add_argument("-ctv", "--cache-type-v", action="append", metavar="TYPE",
                     help="V cache type to compare; repeat, paired in order with -ctk")
-    ap.add_argument("-fa", "--flash-attn", choices=["on", "off", "auto"], default="on",
+    ap.add_argument("-fa", "--flash-attn", choices=list(FLASH_ATTN), default="on",
                     help="flash attention for every context, the baseline's included (default: on; a quantized V "
                          "cache requires it)")
     ap.add_argument("--no-rot", action="store_true",
@@ -329,9 +329,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for what, p in (("model", model), ("text", text), ("calibration", calib or None)):
             if p is not None and not p.is_file():
                 raise UsageError(f"{what} file {p} does not exist")
-        fa = {"on": True, "off": False, "auto": None}[args.flash_attn]
+        fa = FLASH_ATTN[args.flash_attn]
         if fa is False:
-            bad = [tv for _, tv in pairs if tv not in ("f16", "f32", "bf16")]
+            bad = [tv for _, tv in pairs if is_quantized(tv)]
             if bad:
                 raise UsageError(f"a quantized V cache ({bad[0]}) requires flash attention: use -fa on")
         with Session(model, n_ctx=64, verbose=args.verbose) as s:
