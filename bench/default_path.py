@@ -9,7 +9,8 @@ type_v="nsq4")` builds it (centered by the calibration it makes once per model f
 `nsq_calib=` a file from a plain `nsq-calibrate -m MODEL`, and nsq4 with `nsq_calib=False` (not centered). Each
 window of -c tokens is evaluated in one `eval` (ubatches of 512, so the attention reads the stored cache) and tokens
 c/2+1 .. c-1 are scored, as llama-perplexity scores them; the windows skip the first --skip windows of the text,
-which the README's and docs/quality-table's figures use. Writes OUT.json and OUT.md.
+which the README's and docs/quality-table's figures use. Writes OUT.json and OUT.md; --md-only writes OUT.md again
+from OUT.json without measuring.
 """
 from __future__ import annotations
 
@@ -52,6 +53,27 @@ def open_llama(model: Path, n_ctx: int, threads: int, **kwargs):
                            n_threads=threads, n_threads_batch=threads, verbose=False, **kwargs)
 
 
+def write_markdown(out: Path, meta: dict, results: list[dict]) -> None:
+    lines = ["# What `Llama(type_k=T, type_v=T)` gives", "",
+             f"`{meta['command']}` ({meta['date']}; {Path(meta['text']).name}, windows {meta['skip'] + 1}.. of "
+             f"-c {meta['ctx_size']}, K and V both the type, flash attention, upstream's rotation on; mean KLD "
+             "against an f16 cache)", "",
+             "Rows: `q4_0`, upstream's 4-bit type; `nsq4 (default)`, `Llama(type_k=\"nsq4\", type_v=\"nsq4\")` as "
+             "it stood on that date (centered by the calibration it makes once per model file and caches); "
+             "`nsq4, nsq_calib=nsq-calibrate file`, centered by a file from `nsq-calibrate -m MODEL`; "
+             "`nsq4, nsq_calib=False`, not centered. `/ q4_0` is the mean KLD over q4_0's; `K centered by` names "
+             "the calibration file.", "",
+             "| model | cache | mean KLD ± SE | / q4_0 | PPL | same top token | K centered by |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results:
+        q4 = next(x["kld"] for x in results if x["model"] == r["model"] and x["row"] == "q4_0")
+        lines.append(f"| {MODELS[r['model']][0]} | {r['row']} | {r['kld']:.4f} ± {r['kld_se']:.4f} | "
+                     f"{r['kld'] / q4:.2f}x | {r['ppl']:.3f} | {100 * r['top1']:.1f}% | "
+                     f"{Path(r['centered_by']).name if r['centered_by'] != 'no' else '-'} |")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-f", "--file", type=Path, default=None,
@@ -63,7 +85,12 @@ def main() -> int:
     ap.add_argument("-t", "--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--work", type=Path, default=Path("build/default-path"), help="nsq-calibrate files")
     ap.add_argument("--out", type=Path, default=Path("docs/default-path"), help="writes OUT.json and OUT.md")
+    ap.add_argument("--md-only", action="store_true", help="write OUT.md from OUT.json, measuring nothing")
     args = ap.parse_args()
+    if args.md_only:
+        report = json.loads(args.out.with_suffix(".json").read_text())
+        write_markdown(args.out, report["meta"], report["rows"])
+        return 0
 
     text = args.file or Path(os.environ.get("NSQ_WIKITEXT", WIKITEXT_HEAD))
     if not text.is_file():
@@ -117,16 +144,7 @@ def main() -> int:
             "chunks": args.chunks, "skip": args.skip, "date": time.strftime("%Y-%m-%d")}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": results}, indent=1) + "\n")
-    lines = [f"`{meta['command']}` ({meta['date']}; {text.name}, windows {args.skip + 1}.. of -c {args.ctx_size}, "
-             "K and V both the type, flash attention, upstream's rotation on; mean KLD against an f16 cache)", "",
-             "| model | cache | mean KLD ± SE | / q4_0 | PPL | same top token | K centered by |", "|---|---|---|---|---|---|---|"]
-    for r in results:
-        q4 = next(x["kld"] for x in results if x["model"] == r["model"] and x["row"] == "q4_0")
-        lines.append(f"| {MODELS[r['model']][0]} | {r['row']} | {r['kld']:.4f} ± {r['kld_se']:.4f} | "
-                     f"{r['kld'] / q4:.2f}x | {r['ppl']:.3f} | {100 * r['top1']:.1f}% | "
-                     f"{Path(r['centered_by']).name if r['centered_by'] != 'no' else '-'} |")
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_markdown(args.out, meta, results)
     return 0
 
 
