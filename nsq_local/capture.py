@@ -31,7 +31,7 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 import numpy.typing as npt
 
-from nsq_local._common import flash_attn_type, is_quantized, type_id
+from nsq_local._common import flash_attn_type, ggml_base, is_quantized, type_id
 
 ROT_ENV = "LLAMA_ATTN_ROT_DISABLE"
 CALIB_ENV = "LLAMA_NSQ_CALIB"
@@ -49,26 +49,11 @@ class _TensorHead(ctypes.Structure):
                 ("ne", ctypes.c_int64 * 4), ("nb", ctypes.c_size_t * 4)]
 
 
-def _ggml() -> ctypes.CDLL:
-    from llama_cpp._ggml import libggml
-
-    if not getattr(libggml, "_nsq_typed", False):
-        libggml.ggml_get_name.restype = ctypes.c_char_p
-        libggml.ggml_get_name.argtypes = [ctypes.c_void_p]
-        libggml.ggml_nbytes.restype = ctypes.c_size_t
-        libggml.ggml_nbytes.argtypes = [ctypes.c_void_p]
-        libggml.ggml_backend_tensor_get.restype = None
-        libggml.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t,
-                                                    ctypes.c_size_t]
-        libggml._nsq_typed = True
-    return libggml
-
-
 def tensor_to_numpy(t: int) -> npt.NDArray[np.float32]:
     """A computed f32/f16 ggml tensor (pointer) as a float32 array shaped (ne3, ne2, ne1, ne0); views included."""
     import llama_cpp
 
-    lib = _ggml()
+    lib = ggml_base()
     head = _TensorHead.from_address(t)
     dtypes = {llama_cpp.GGML_TYPE_F32: np.float32, llama_cpp.GGML_TYPE_F16: np.float16}
     if head.type not in dtypes:
@@ -337,7 +322,7 @@ class _Collector:
     names: dict[str, tuple[str, int]] = field(default_factory=dict)
     ubatch: dict[tuple[str, int], npt.NDArray[np.float32]] = field(default_factory=dict)
     done: list[dict[tuple[str, int], npt.NDArray[np.float32]]] = field(default_factory=list)
-    lib: ctypes.CDLL = field(default_factory=_ggml)
+    lib: ctypes.CDLL = field(default_factory=ggml_base)
 
     def __call__(self, t: int, ask: bool) -> bool:
         key = self.names.get(self.lib.ggml_get_name(t).decode())

@@ -1,4 +1,5 @@
-"""ggml's own quantizers, called through ctypes from the shared libraries of the installed (patched) llama_cpp.
+"""ggml's own quantizers, called through ctypes from the shared libraries of the installed (patched) llama_cpp
+(nsq_local._common opens them).
 
 `quantize(..., path="ref")` runs the type's reference (`quantize_row_X_ref`, via ggml_quantize_chunk);
 `path="cpu"` runs the CPU backend's `from_float`, the code set_rows uses when a token is stored in the cache.
@@ -6,76 +7,16 @@
 from __future__ import annotations
 
 import ctypes
-import os
-import sys
-from functools import lru_cache
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
 
-from nsq_local._common import type_id
-
-_to_float_t = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.POINTER(ctypes.c_float), ctypes.c_int64)
-_from_float_t = ctypes.CFUNCTYPE(None, ctypes.POINTER(ctypes.c_float), ctypes.c_void_p, ctypes.c_int64)
+from nsq_local._common import ggml_base, ggml_cpu, type_id
 
 
-class _TypeTraits(ctypes.Structure):
-    _fields_ = [
-        ("type_name", ctypes.c_char_p),
-        ("blck_size", ctypes.c_int64),
-        ("blck_size_interleave", ctypes.c_int64),
-        ("type_size", ctypes.c_size_t),
-        ("is_quantized", ctypes.c_bool),
-        ("to_float", _to_float_t),
-        ("from_float_ref", _from_float_t),
-    ]
-
-
-class _TypeTraitsCpu(ctypes.Structure):
-    _fields_ = [("from_float", _from_float_t)]  # leading field of ggml-cpu.h's ggml_type_traits_cpu
-
-
-def lib_dir() -> Path:
-    """Where the shared libraries are: $LLAMA_CPP_LIB_PATH (as llama_cpp itself honours), else llama_cpp/lib."""
-    override = os.environ.get("LLAMA_CPP_LIB_PATH")
-    if override:
-        return Path(override)
-    import importlib.util
-
-    spec = importlib.util.find_spec("llama_cpp")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError("llama_cpp is not installed: install nsq-local (pip install .)")
-    return Path(next(iter(spec.submodule_search_locations))) / "lib"
-
-
-def _load(name: str) -> ctypes.CDLL:
-    suffix = {"darwin": ".dylib", "win32": ".dll"}.get(sys.platform, ".so")
-    prefix = "" if sys.platform == "win32" else "lib"
-    path = lib_dir() / f"{prefix}{name}{suffix}"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: is the patched llama_cpp installed (pip install .)?")
-    return ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
-
-
-@lru_cache(maxsize=None)
 def _libs() -> tuple[ctypes.CDLL, ctypes.CDLL]:
-    base = _load("ggml-base")
-    cpu = _load("ggml-cpu")
-    base.ggml_get_type_traits.restype = ctypes.POINTER(_TypeTraits)
-    base.ggml_get_type_traits.argtypes = [ctypes.c_int]
-    base.ggml_type_name.restype = ctypes.c_char_p
-    base.ggml_type_name.argtypes = [ctypes.c_int]
-    base.ggml_quantize_chunk.restype = ctypes.c_size_t
-    base.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_float), ctypes.c_void_p,
-                                         ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-    base.ggml_quantize_init.argtypes = [ctypes.c_int]
-    cpu.ggml_get_type_traits_cpu.restype = ctypes.POINTER(_TypeTraitsCpu)
-    cpu.ggml_get_type_traits_cpu.argtypes = [ctypes.c_int]
-    cpu.ggml_cpu_init.restype = None
-    cpu.ggml_cpu_init()
-    return base, cpu
+    return ggml_base(), ggml_cpu()  # ggml-cpu initialized, as the CPU backend's quantizers need
 
 
 def block_info(name: str) -> tuple[int, int]:
