@@ -1,17 +1,21 @@
-"""What nsq-local's modules share, each fact once: cache-type names, the flash-attention switch and the native ggml
-libraries.
+"""What nsq-local's modules share, each fact once: cache-type names, the flash-attention switch, the environment
+llama.cpp reads, llama.cpp's log and the native ggml libraries.
 
 It imports nothing else of nsq_local. The ggml type names and ids are the binding's (`llama_cpp.llama.GGML_TYPE_NAMES`
-and `ggml_type_from_name`, patch 0006); this module is the only one that opens the ggml libraries.
+and `ggml_type_from_name`, patch 0006); this module is also the only one that reaches into llama_cpp's private
+`_logger` (the log callback that prints what the verbosity lets through and keeps the error the binding's exceptions
+quote), and the only one that opens the ggml libraries.
 """
 from __future__ import annotations
 
 import ctypes
 import os
 import sys
+from collections import deque
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Iterator, Optional, Union
 
 # --- cache types ------------------------------------------------------------------------------------------------
 
@@ -54,6 +58,89 @@ def flash_attn_type(flash_attn: Optional[bool]) -> int:
 
     return {True: llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED, False: llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
             None: llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO}[flash_attn]
+
+
+# --- the environment llama.cpp reads --------------------------------------------------------------------------------
+
+ROT_DISABLE_ENV = "LLAMA_ATTN_ROT_DISABLE"  # "1": no Hadamard rotation of a quantized cache (read as it is created)
+NSQ_CALIB_ENV = "LLAMA_NSQ_CALIB"  # the calibration an nsq4 K cache is centered by ("": none)
+
+
+@contextmanager
+def scoped_env(values: dict[str, Optional[str]]) -> Iterator[None]:
+    """Sets environment variables for a `with` block (None: unset) and puts back what was there before."""
+    saved = {k: os.environ.get(k) for k in values}
+    try:
+        for k, v in values.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+# --- llama.cpp's log ---------------------------------------------------------------------------------------------
+
+
+class LogTap:
+    """llama.cpp's log while installed (a `with` block): each line is kept (the last `keep`) and given to `on_line`,
+    then handed on to llama_cpp's own callback, which prints what its verbosity lets through and keeps the error
+    that the binding's exceptions quote. Leaving the block puts back the callback it found; a tap can be installed
+    again and again (and inside itself)."""
+
+    def __init__(self, on_line: Optional[Callable[[str], None]] = None, keep: int = 2000) -> None:
+        import llama_cpp
+
+        self.lines: deque[str] = deque(maxlen=keep)
+        self.on_line = on_line
+        self._callback = llama_cpp.llama_log_callback(self._log)
+        self._found: list[tuple[object, ctypes.c_void_p]] = []
+
+    def _log(self, level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        from llama_cpp import _logger
+
+        line = text.decode("utf-8", "replace")
+        self.lines.append(line)
+        if self.on_line is not None:
+            self.on_line(line)
+        _logger.llama_log_callback(level, text, user_data)
+
+    def __enter__(self) -> "LogTap":
+        import llama_cpp
+
+        found, data = llama_cpp.llama_log_callback(), ctypes.c_void_p()
+        llama_cpp.llama_log_get(ctypes.byref(found), ctypes.byref(data))
+        self._found.append((found, data))
+        llama_cpp.llama_log_set(self._callback, ctypes.c_void_p(0))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import llama_cpp
+
+        found, data = self._found.pop()
+        llama_cpp.llama_log_set(found, data)
+
+    def tail(self, n: int = 8) -> str:
+        return "".join(list(self.lines)[-n:]).strip()
+
+
+@contextmanager
+def log_verbosity(verbose: bool) -> Iterator[None]:
+    """llama_cpp's log verbosity for a `with` block (quiet: errors only), then the one found before."""
+    from llama_cpp import _logger
+
+    level = _logger.logger.level
+    _logger.set_verbose(verbose)
+    try:
+        yield
+    finally:
+        _logger.logger.setLevel(level)
 
 
 # --- the native ggml libraries ------------------------------------------------------------------------------------

@@ -1,10 +1,11 @@
 """The memory a llama.cpp KV cache really takes."""
 from __future__ import annotations
 
-import ctypes
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
+
+from nsq_local._common import LogTap
 
 _KV_LINE = re.compile(r"llama_kv_cache: size = .*?K \((\w+)\):\s*([0-9.]+) MiB, V \((\w+)\):\s*([0-9.]+) MiB")
 
@@ -35,37 +36,23 @@ class KVCacheSize:
         """The same cache with f16 K and V: the same number of values at 16 bits each."""
         return self.k_mib * 16 / bits_per_value(self.type_k) + self.v_mib * 16 / bits_per_value(self.type_v)
 
-
-@dataclass
-class _LogTap:
-    size: KVCacheSize = field(default_factory=KVCacheSize)
-
-    def __call__(self, level: int, text: bytes, user_data: Any) -> None:
-        line = text.decode("utf-8", "replace")
+    def read_log_line(self, line: str) -> None:
+        """Counts a cache that a line of llama.cpp's log reports as allocated."""
         m = _KV_LINE.search(line)
         if m:
-            self.size.type_k, self.size.type_v = m.group(1), m.group(3)
-            self.size.k_mib += float(m.group(2))
-            self.size.v_mib += float(m.group(4))
-            self.size.caches += 1
-        from llama_cpp import _logger
-
-        # llama_cpp's own callback prints when verbose and keeps the error that a failing call is explained by
-        _logger.llama_log_callback(level, text, user_data)
+            self.type_k, self.type_v = m.group(1), m.group(3)
+            self.k_mib += float(m.group(2))
+            self.v_mib += float(m.group(4))
+            self.caches += 1
 
 
 def open_llama(verbose: bool = False, **kwargs: Any):
     """llama_cpp.Llama(**kwargs), and the KV cache's size read from llama.cpp's own allocation log."""
     import llama_cpp
-    from llama_cpp import _logger
 
-    tap = _LogTap()
-    callback = llama_cpp.llama_log_callback(tap)
-    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
-    try:
+    size = KVCacheSize()
+    with LogTap(on_line=size.read_log_line):
         llm = llama_cpp.Llama(verbose=verbose, **kwargs)
-    finally:
-        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
-    if not tap.size.caches:
+    if not size.caches:
         raise RuntimeError("llama.cpp did not report its KV cache size; is this the patched llama_cpp?")
-    return llm, tap.size
+    return llm, size

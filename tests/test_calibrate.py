@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from nsq_local import calibrate
+from nsq_local._common import scoped_env
 
 from test_reliability import kld
 from test_tools import perplexity
@@ -152,13 +153,8 @@ def test_state_save_and_load_keeps_the_centered_cache(smollm2, wikitext, calib):
 def empty_cache(tmp_path_factory):
     """An empty nsq-local cache folder, as a new user has one."""
     path = tmp_path_factory.mktemp("nsq-cache")
-    saved = os.environ.get("NSQ_CACHE_DIR")
-    os.environ["NSQ_CACHE_DIR"] = str(path)
-    yield path
-    if saved is None:
-        del os.environ["NSQ_CACHE_DIR"]
-    else:
-        os.environ["NSQ_CACHE_DIR"] = saved
+    with scoped_env({"NSQ_CACHE_DIR": str(path)}):
+        yield path
 
 
 def _logits(smollm2, tokens: list[int], **kw) -> tuple[np.ndarray, object]:

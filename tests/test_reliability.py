@@ -12,32 +12,13 @@ import numpy as np
 import pytest
 
 import llama_cpp
+from nsq_local._common import ROT_DISABLE_ENV, LogTap, is_quantized, scoped_env
 
 ROTATION = [pytest.param(True, id="rot"), pytest.param(False, id="norot")]
 THREADS = 2
 
 
-class LogTap:
-    """Keeps llama.cpp's log while installed, to read back what a context reports about itself."""
-
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-        self._cb = llama_cpp.llama_log_callback(self._log)
-
-    def _log(self, level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-        self.lines.append(text.decode("utf-8", "replace"))
-
-    def __enter__(self) -> LogTap:
-        llama_cpp.llama_log_set(self._cb, ctypes.c_void_p(0))
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        from llama_cpp import _logger
-
-        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
-
-
-class Session:
+class Context:
     """One llama_context on the shared model; decode() returns copies of the requested logits."""
 
     def __init__(self, model, *, cache: str = "nsq4", n_ctx: int = 512, n_seq_max: int = 1, rotation: bool = True,
@@ -49,20 +30,12 @@ class Session:
         p.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
         p.kv_unified = kv_unified
         # llama.cpp reads LLAMA_ATTN_ROT_DISABLE when it creates the cache
-        saved = os.environ.pop("LLAMA_ATTN_ROT_DISABLE", None)
-        if not rotation:
-            os.environ["LLAMA_ATTN_ROT_DISABLE"] = "1"
-        try:
-            with LogTap() as log:
-                self.ctx = llama_cpp.llama_init_from_model(model, p)
-        finally:
-            os.environ.pop("LLAMA_ATTN_ROT_DISABLE", None)
-            if saved is not None:
-                os.environ["LLAMA_ATTN_ROT_DISABLE"] = saved
+        with scoped_env({ROT_DISABLE_ENV: None if rotation else "1"}), LogTap() as log:
+            self.ctx = llama_cpp.llama_init_from_model(model, p)
         if not self.ctx:
-            pytest.fail("llama_init_from_model failed:\n" + "".join(log.lines[-20:]))
+            pytest.fail("llama_init_from_model failed:\n" + log.tail(20))
         rot_k = [ln for ln in log.lines if "attn_rot_k = " in ln]
-        expect = int(rotation and cache not in ("f32", "f16", "bf16"))  # upstream rotates quantized types only
+        expect = int(rotation and is_quantized(cache))  # upstream rotates quantized types only
         assert rot_k and all(f"attn_rot_k = {expect}" in ln for ln in rot_k), rot_k
         self.mem = llama_cpp.llama_get_memory(self.ctx)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model))
@@ -71,7 +44,7 @@ class Session:
     def close(self) -> None:
         llama_cpp.llama_free(self.ctx)
 
-    def __enter__(self) -> Session:
+    def __enter__(self) -> Context:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -146,7 +119,7 @@ def test_state_save_and_load(model, tokens, tmp_path, rotation):
     bit for bit, and the state holds the cache as NSQ4 (about 4.25/16 of the f16 state)."""
     prompt, cont = tokens[:200], tokens[200:232]
     path = tmp_path / "state.bin"
-    with Session(model, rotation=rotation) as s:
+    with Context(model, rotation=rotation) as s:
         s.run(prompt, logits="last")
         state = s.state()
         saved_tokens = (llama_cpp.llama_token * len(prompt))(*prompt)
@@ -161,20 +134,20 @@ def test_state_save_and_load(model, tokens, tmp_path, rotation):
         s.set_state(state)
         np.testing.assert_array_equal(s.run(cont, len(prompt)), want, "state restored from memory, same context")
 
-    with Session(model, rotation=rotation) as s:
+    with Context(model, rotation=rotation) as s:
         s.set_state(state)
         np.testing.assert_array_equal(s.run(cont, len(prompt)), want, "state restored from memory, new context")
-    with Session(model, rotation=rotation) as s:
+    with Context(model, rotation=rotation) as s:
         out = (llama_cpp.llama_token * 1024)()
         n_out = ctypes.c_size_t(0)
         assert llama_cpp.llama_state_load_file(s.ctx, str(path).encode(), out, 1024, ctypes.byref(n_out))
         assert list(out[: n_out.value]) == prompt
         np.testing.assert_array_equal(s.run(cont, len(prompt)), want, "state restored from a file")
-    with Session(model, rotation=rotation) as s:
+    with Context(model, rotation=rotation) as s:
         assert llama_cpp.llama_state_seq_set_data(s.ctx, seq_buf, seq_size, 0) == seq_size
         np.testing.assert_array_equal(s.run(cont, len(prompt)), want, "one sequence's state restored")
 
-    with Session(model, cache="f16", rotation=rotation) as f16:
+    with Context(model, cache="f16", rotation=rotation) as f16:
         f16.run(prompt, logits="last")
         f16_size = len(f16.state())
     ratio = len(state) / f16_size
@@ -187,10 +160,10 @@ def test_seq_rm_then_decode_again(model, tokens, rotation):
     """Removing the tail of a sequence and decoding other tokens there gives the logits of a run that never had the
     removed tokens (the freed NSQ4 cells are overwritten, nothing stale is read)."""
     k, junk, rest = tokens[:120], tokens[500:560], tokens[120:180]
-    with Session(model, rotation=rotation) as fresh:
+    with Context(model, rotation=rotation) as fresh:
         fresh.run(k, logits="last")
         want = fresh.run(rest, len(k))
-    with Session(model, rotation=rotation) as s:
+    with Context(model, rotation=rotation) as s:
         s.run(k, logits="last")
         s.run(junk, len(k), logits="last")
         assert llama_cpp.llama_memory_seq_rm(s.mem, 0, len(k), -1)
@@ -211,11 +184,11 @@ def test_seq_cp_branches_a_prompt(model, tokens, rotation, kv_unified):
     Not asserted: in a unified cache, a sequence that continues into cells freed by removing another one gives
     logits up to ~0.7 away from a fresh run with an f32 or f16 cache too (measured; upstream behaviour, not NSQ4's)."""
     prompt, a, b, c = tokens[:150], tokens[150:180], tokens[600:630], tokens[630:640]
-    with Session(model, rotation=rotation) as fresh:
+    with Context(model, rotation=rotation) as fresh:
         fresh.run(prompt, logits="last")
         want_b = fresh.run(b, len(prompt))
         want_c = fresh.run(c, len(prompt) + len(b))
-    with Session(model, n_seq_max=2, rotation=rotation, kv_unified=kv_unified) as s:
+    with Context(model, n_seq_max=2, rotation=rotation, kv_unified=kv_unified) as s:
         s.run(prompt, logits="last")
         llama_cpp.llama_memory_seq_cp(s.mem, 0, 1, -1, -1)
         s.run(a, len(prompt), seq=0)
@@ -238,11 +211,11 @@ def test_parallel_sequences_in_one_batch(model, tokens, rotation):
     steps = [tokens[70:78], tokens[1033:1041], tokens[2101:2109]]
     want = []
     for p, st in zip(prompts, steps):
-        with Session(model, rotation=rotation) as one:
+        with Context(model, rotation=rotation) as one:
             pre = one.run(p)
             dec = np.concatenate([one.run([t], len(p) + i) for i, t in enumerate(st)])
             want.append((pre, dec))
-    with Session(model, n_seq_max=3, rotation=rotation, kv_unified=True) as s:
+    with Context(model, n_seq_max=3, rotation=rotation, kv_unified=True) as s:
         pre_all = s.decode([(t, i, q, True) for q, p in enumerate(prompts) for i, t in enumerate(p)])
         pres = np.split(pre_all, np.cumsum([len(p) for p in prompts])[:-1])
         decs = [[], [], []]
@@ -266,13 +239,13 @@ def shift_check(model, tokens, cache: str, rotation: bool) -> tuple[float, float
     keep, discard, n_past = 16, 64, 160
     cont = tokens[n_past:n_past + 32]
     shifted_text = tokens[:keep] + tokens[keep + discard:n_past]
-    with Session(model, cache=cache, n_ctx=256, rotation=rotation) as s:
+    with Context(model, cache=cache, n_ctx=256, rotation=rotation) as s:
         s.run(tokens[:n_past], logits="last")
         assert llama_cpp.llama_memory_seq_rm(s.mem, 0, keep, keep + discard)
         llama_cpp.llama_memory_seq_add(s.mem, 0, keep + discard, -1, -discard)
         assert llama_cpp.llama_memory_seq_pos_max(s.mem, 0) == n_past - discard - 1
         got = s.run(cont, n_past - discard)
-    with Session(model, cache=cache, n_ctx=256, rotation=rotation) as fresh:
+    with Context(model, cache=cache, n_ctx=256, rotation=rotation) as fresh:
         fresh.run(shifted_text, logits="last")
         want = fresh.run(cont, len(shifted_text))
     assert np.isfinite(got).all()
@@ -310,25 +283,25 @@ def test_long_generation_does_not_drift(model, tokens):
     collapsed into one repeated token."""
     n_ctx = LONG_PROMPT + LONG_GEN + WINDOW
     text = list(tokens[:LONG_PROMPT])
-    with Session(model, n_ctx=n_ctx) as gen:
+    with Context(model, n_ctx=n_ctx) as gen:
         logits = gen.run(text, logits="last")[-1]
         for _ in range(LONG_GEN):
             assert np.isfinite(logits).all()
             text.append(int(logits.argmax()))
             logits = gen.run([text[-1]], len(text) - 1)[-1]
 
-    sessions = {c: Session(model, cache=c, n_ctx=n_ctx) for c in ("f16", "q4_0", "nsq4")}
+    contexts = {c: Context(model, cache=c, n_ctx=n_ctx) for c in ("f16", "q4_0", "nsq4")}
     try:
         rows = []
         for w0 in range(0, len(text), WINDOW):
             window = text[w0:w0 + WINDOW]
-            out = {c: s.run(window, w0) for c, s in sessions.items()}
+            out = {c: s.run(window, w0) for c, s in contexts.items()}
             for c, lg in out.items():
                 assert np.isfinite(lg).all(), f"{c} logits hold NaN/Inf in the window at {w0}"
             rows.append((w0, float(kld(out["f16"], out["q4_0"]).mean()), float(kld(out["f16"], out["nsq4"]).mean()),
                          len(set(window)), float((out["f16"].argmax(-1) == out["nsq4"].argmax(-1)).mean())))
     finally:
-        for s in sessions.values():
+        for s in contexts.values():
             s.close()
     print("\nwindow  KLD q4_0  KLD nsq4  distinct tokens  top-1 nsq4=f16")
     for w0, kq, kn, distinct, top1 in rows:
