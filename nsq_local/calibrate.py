@@ -72,12 +72,12 @@ def k_means(model: Path, text: str, n_ctx: int = 2048, chunks: int = 2, n_thread
     sums: list[npt.NDArray[np.float64]] = []
     count = 0
     with capture.Capturer(model, n_ctx, parts="k", n_threads=n_threads) as cap:
-        head = cap.session.n_embd_head_k
+        head = cap.model.n_embd_head_k
         if head % QK:
             raise HeadSizeError(f"{Path(model).name} has K head size {head}, not a multiple of NSQ4's {QK}-value "
                                 "block: an nsq4 K cache cannot hold it, so there is nothing to calibrate")
         # a long text is cut to what the windows need: real vocabularies average well over 2 bytes per token
-        tokens = cap.session.tokenize(text[:16 * n_ctx * chunks])
+        tokens = cap.model.tokenize(text[:16 * n_ctx * chunks])
         windows = [tokens[i:i + n_ctx] for i in range(0, len(tokens), n_ctx)]
         windows = [w for w in windows if len(w) == n_ctx][:chunks] or [tokens[:n_ctx]]
         if len(windows[0]) < 64:
@@ -167,7 +167,7 @@ def layer_types(model: Path, text: str, means: Sequence[npt.NDArray[np.float32]]
     from nsq_local.kvcache import bits_per_value
 
     with capture.Capturer(model, n_ctx, n_threads=n_threads) as cap:
-        qkv = cap.run(cap.session.tokenize(text[:16 * n_ctx])[:n_ctx])
+        qkv = cap.run(cap.model.tokenize(text[:16 * n_ctx])[:n_ctx])
     t0 = time.time()
     rot = kv.rot_block_k(qkv.k[0].shape[-1])
 

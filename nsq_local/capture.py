@@ -5,18 +5,20 @@ they are stored in the KV cache (post-RoPE K, before upstream's Hadamard rotatio
 
     from nsq_local import capture, models
     model = models.smollm2()
-    with capture.Session(model) as s:
-        tokens = s.tokenize(open("wiki.txt").read())[:512]
+    with capture.Model(model) as m:
+        tokens = m.tokenize(open("wiki.txt").read())[:512]
     qkv = capture.capture_qkv(model, tokens)
     qkv.k[0].shape            # (512, n_head_kv, head_dim), float32, layer 0
 
 It reads them through llama.cpp's eval callback (`cb_eval`): ggml names the graph's tensors "Qcur-<layer>",
 "Kcur-<layer>", "Vcur-<layer>"; a name given twice in a layer (K before and after RoPE) keeps the later tensor, the
-one that goes into the cache. `read_cache(session)` parses `llama_state_seq_get_data` to get what a cache holds
+one that goes into the cache. `read_cache(decoder)` parses `llama_state_seq_get_data` to get what a cache holds
 (raw rows of its ggml type), which is how the tests show that the captured K/V are what the cache stores.
 
-`Session` is the small wrapper over `llama_batch`/`llama_decode` that nsq-ppl also uses: one model, one context, a
-given cache type, decoding token runs at given positions and returning their logits.
+`Model` is a loaded GGUF with its vocabulary (tokenize, metadata, sizes). `Decoder` is the small wrapper over
+`llama_batch`/`llama_decode` that nsq-ppl also uses: a Model and one context with a given cache type (its parameters
+from `context_params`, the environment llama.cpp reads as it creates the cache from `cache_env`), decoding token
+runs at given positions and returning their logits.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import ctypes
 import os
 import re
 import struct
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
@@ -31,10 +34,9 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 import numpy.typing as npt
 
-from nsq_local._common import flash_attn_type, ggml_base, is_quantized, type_id
+from nsq_local._common import (NSQ_CALIB_ENV, ROT_DISABLE_ENV, LogTap, flash_attn_type, ggml_base, is_quantized,
+                               log_verbosity, scoped_env, type_id)
 
-ROT_ENV = "LLAMA_ATTN_ROT_DISABLE"
-CALIB_ENV = "LLAMA_NSQ_CALIB"
 _STATE_MAGIC = 0xAF143CD8
 _ROT_LINE = re.compile(r"attn_rot_([kv]) = (\d)")
 
@@ -66,160 +68,51 @@ def tensor_to_numpy(t: int) -> npt.NDArray[np.float32]:
     return arr.astype(np.float32)
 
 
-_log_lines: list[str] = []
-_log_count = 0  # lines ever logged; _log_lines keeps the last ones
-_log_callback = None
-
-
-def _install_log() -> None:
-    """Keep llama.cpp's log in a buffer (to read the rotation flags and explain failures), then hand it on to
-    llama_cpp's own callback, which prints what its verbosity lets through and keeps the error its exceptions quote.
-
-    Set again for every Session: other code (kvcache.open_llama) installs its own callbacks.
-    """
-    global _log_callback
-    import llama_cpp
-    from llama_cpp import _logger
-
-    if _log_callback is not None:
-        llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
-        return
-
-    def on_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-        global _log_count
-        _log_count += 1
-        line = text.decode("utf-8", "replace")
-        _log_lines.append(line)
-        del _log_lines[:-2000]
-        _logger.llama_log_callback(level, text, user_data)
-
-    _log_callback = llama_cpp.llama_log_callback(on_log)
-    llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
-
-
-def _log_tail(n: int = 8) -> str:
-    return "".join(_log_lines[-n:]).strip()
-
-
 EvalCallback = Callable[[int, bool], bool]
+NsqCalib = Union[None, bool, str, Path]
 
 
-class Session:
-    """One model and one llama.cpp context with a given KV cache, driven by llama_decode.
+class Model:
+    """A GGUF model loaded by llama.cpp, with its vocabulary. `ptr` is the llama_model pointer.
 
-    rotation=False sets LLAMA_ATTN_ROT_DISABLE=1 while the context is created (upstream reads it then);
-    `attn_rot` tells what llama.cpp reported: {'k': bool, 'v': bool}. nsq_calib (an nsq4 K cache only) is what
-    llama_cpp.Llama takes: None for the default calibration, a file from nsq-calibrate, False for none; the
-    `nsq_calib` attribute is the file the keys are centered by, or None.
+    verbose: llama.cpp's log for the model's life (quiet: errors only; a Model made inside llama_cpp.Llama, as its
+    default calibration's, hands the verbosity back). `log` reads llama.cpp's log while the model loads, and its
+    last lines explain a failure.
     """
 
-    def __init__(self, model_path: Union[str, Path], n_ctx: int = 512, type_k: str = "f16", type_v: str = "f16",
-                 flash_attn: Optional[bool] = True, n_threads: Optional[int] = None, n_ubatch: int = 512,
-                 rotation: bool = True, eval_callback: Optional[EvalCallback] = None, verbose: bool = False,
-                 nsq_calib: Union[None, bool, str, Path] = None):
+    def __init__(self, path: Union[str, Path], verbose: bool = False, log: Optional[LogTap] = None):
         import llama_cpp
 
-        from llama_cpp import _logger
-
-        # for this session's life: a Session opened inside llama_cpp.Llama (its default calibration) hands it back
-        self._log_level = _logger.logger.level
-        # and the callback it found, which may be another tap (kvcache.open_llama's reads the cache's size)
-        self._log_prev, self._log_prev_data = llama_cpp.llama_log_callback(), ctypes.c_void_p()
-        llama_cpp.llama_log_get(ctypes.byref(self._log_prev), ctypes.byref(self._log_prev_data))
-        _logger.set_verbose(verbose)
-        _install_log()
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"model file {self.path} does not exist")
+        self.log = log or LogTap()
+        self._stack = ExitStack()
+        self._stack.enter_context(log_verbosity(verbose))
         llama_cpp.llama_backend_init()
-        self.model_path = Path(model_path)
-        if not self.model_path.is_file():
-            raise FileNotFoundError(f"model file {self.model_path} does not exist")
-        self.type_k, self.type_v = type_k, type_v
-        tk, tv = type_id(type_k), type_id(type_v)  # a ValueError lists the valid names
-        if is_quantized(tv) and flash_attn is False:
-            raise ValueError(f"a quantized V cache ({type_v}) requires flash attention: use -fa on (or auto)")
-        self.model = self.ctx = None
-        mparams = llama_cpp.llama_model_default_params()
-        self.model = llama_cpp.llama_model_load_from_file(str(self.model_path).encode(), mparams)
-        if not self.model:
-            raise LlamaError(f"llama.cpp could not load {self.model_path}:\n{_log_tail()}")
-        self.vocab = llama_cpp.llama_model_get_vocab(self.model)
+        with self.log:
+            self.ptr = llama_cpp.llama_model_load_from_file(str(self.path).encode(),
+                                                            llama_cpp.llama_model_default_params())
+        if not self.ptr:
+            self._stack.close()
+            raise LlamaError(f"llama.cpp could not load {self.path}:\n{self.log.tail()}")
+        self._stack.callback(llama_cpp.llama_model_free, self.ptr)
+        self.vocab = llama_cpp.llama_model_get_vocab(self.ptr)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
-        self.n_layer = llama_cpp.llama_model_n_layer(self.model)
-        self.n_head = llama_cpp.llama_model_n_head(self.model)
-        self.n_head_kv = llama_cpp.llama_model_n_head_kv(self.model)
-        self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self.model)
+        self.n_layer = llama_cpp.llama_model_n_layer(self.ptr)
+        self.n_head = llama_cpp.llama_model_n_head(self.ptr)
+        self.n_head_kv = llama_cpp.llama_model_n_head_kv(self.ptr)
+        self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self.ptr)
 
-        cparams = llama_cpp.llama_context_default_params()
-        cparams.n_ctx = n_ctx
-        cparams.n_batch = n_ctx
-        cparams.n_ubatch = min(n_ubatch, n_ctx)
-        cparams.n_seq_max = 1
-        threads = n_threads or os.cpu_count() or 1
-        cparams.n_threads = cparams.n_threads_batch = threads
-        cparams.type_k, cparams.type_v = tk, tv
-        cparams.flash_attn_type = flash_attn_type(flash_attn)
-        if eval_callback is not None:
-            self._cb = llama_cpp.ggml_backend_sched_eval_callback(lambda t, ask, ud: eval_callback(t, ask))
-            cparams.cb_eval = self._cb
-        self.nsq_calib = None
-        env = {ROT_ENV: None if rotation else "1"}
-        if tk == llama_cpp.GGML_TYPE_NSQ4:
-            from nsq_local import calibrate
-
-            # as llama_cpp.Llama does it: centered by default, "" tells llama.cpp not to
-            try:
-                self.nsq_calib = calibrate.resolve(self.model_path, self.model, nsq_calib)
-            except (ValueError, FileNotFoundError):
-                self.close()
-                raise
-            env[CALIB_ENV] = os.fspath(self.nsq_calib or "")
-        elif nsq_calib:
-            raise ValueError(f"an NSQ4 calibration applies to an nsq4 K cache, not {type_k}")
-        saved = {k: os.environ.get(k) for k in env}
-        for k, v in env.items():
-            if v is not None:
-                os.environ[k] = v
-        start = _log_count
-        try:
-            self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-        if not self.ctx:
-            self.close()
-            raise LlamaError(f"llama.cpp could not create a context (cache K {type_k}, V {type_v}):\n{_log_tail()}")
-        self.n_ctx = llama_cpp.llama_n_ctx(self.ctx)
-        created = _log_lines[max(0, len(_log_lines) - (_log_count - start)):]
-        self.attn_rot = {m.group(1): m.group(2) == "1" for line in created for m in [_ROT_LINE.search(line)] if m}
-        self.memory = llama_cpp.llama_get_memory(self.ctx)
-        self._batch = llama_cpp.llama_batch_init(self.n_ctx, 0, 1)
-
-    def __enter__(self) -> "Session":
+    def __enter__(self) -> "Model":
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
     def close(self) -> None:
-        import llama_cpp
-
-        if getattr(self, "_batch", None) is not None:
-            llama_cpp.llama_batch_free(self._batch)
-            self._batch = None
-        if self.ctx:
-            llama_cpp.llama_free(self.ctx)
-            self.ctx = None
-        if self.model:
-            llama_cpp.llama_model_free(self.model)
-            self.model = None
-        if getattr(self, "_log_level", None) is not None:
-            from llama_cpp import _logger
-
-            _logger.logger.setLevel(self._log_level)
-            llama_cpp.llama_log_set(self._log_prev, self._log_prev_data)
-            self._log_level = None
+        self._stack.close()
+        self.ptr = None
 
     def tokenize(self, text: str, add_special: bool = True) -> npt.NDArray[np.int32]:
         import llama_cpp
@@ -241,7 +134,7 @@ class Session:
         import llama_cpp
 
         buf = ctypes.create_string_buffer(256)
-        n = llama_cpp.llama_model_meta_val_str(self.model, key.encode(), buf, len(buf))
+        n = llama_cpp.llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
         return buf.value.decode() if n >= 0 else None
 
     @property
@@ -250,7 +143,7 @@ class Session:
         import llama_cpp
 
         key_length = self.meta(f"{self.meta('general.architecture')}.attention.key_length")
-        return int(key_length) if key_length else llama_cpp.llama_model_n_embd(self.model) // self.n_head
+        return int(key_length) if key_length else llama_cpp.llama_model_n_embd(self.ptr) // self.n_head
 
     @property
     def add_bos(self) -> bool:
@@ -263,6 +156,106 @@ class Session:
         import llama_cpp
 
         return int(llama_cpp.llama_vocab_bos(self.vocab))
+
+
+def context_params(n_ctx: int, type_k: str = "f16", type_v: str = "f16", flash_attn: Optional[bool] = True,
+                   n_threads: Optional[int] = None, n_ubatch: int = 512, eval_callback: Optional[object] = None):
+    """llama.cpp's parameters for a context of one sequence of up to n_ctx tokens (decoded at most n_ubatch at a
+    time) whose cache stores K and V in the ggml types type_k and type_v; eval_callback is a
+    llama_cpp.ggml_backend_sched_eval_callback."""
+    import llama_cpp
+
+    tk, tv = type_id(type_k), type_id(type_v)  # a ValueError lists the valid names
+    if is_quantized(tv) and flash_attn is False:
+        raise ValueError(f"a quantized V cache ({type_v}) requires flash attention: use -fa on (or auto)")
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx = n_ctx
+    params.n_batch = n_ctx
+    params.n_ubatch = min(n_ubatch, n_ctx)
+    params.n_seq_max = 1
+    params.n_threads = params.n_threads_batch = n_threads or os.cpu_count() or 1
+    params.type_k, params.type_v = tk, tv
+    params.flash_attn_type = flash_attn_type(flash_attn)
+    if eval_callback is not None:
+        params.cb_eval = eval_callback
+    return params
+
+
+def cache_env(type_k: int, rotation: bool, nsq_calib: Optional[Path]) -> dict[str, Optional[str]]:
+    """The environment llama.cpp reads as it creates a cache with K of ggml type type_k: LLAMA_ATTN_ROT_DISABLE=1
+    without rotation (else what the environment says), and for an nsq4 K the calibration ("": not centered)."""
+    import llama_cpp
+
+    env = {} if rotation else {ROT_DISABLE_ENV: "1"}
+    if type_k == llama_cpp.GGML_TYPE_NSQ4:
+        env[NSQ_CALIB_ENV] = os.fspath(nsq_calib or "")
+    return env
+
+
+class Decoder:
+    """A Model and one llama.cpp context with a given KV cache, driven by llama_decode.
+
+    rotation=False sets LLAMA_ATTN_ROT_DISABLE=1 while the context is created (upstream reads it then);
+    `attn_rot` tells what llama.cpp reported: {'k': bool, 'v': bool}. nsq_calib (an nsq4 K cache only) is what
+    llama_cpp.Llama takes: None for the default calibration, a file from nsq-calibrate, False for none; the
+    `nsq_calib` attribute is the file the keys are centered by, or None.
+    """
+
+    def __init__(self, model_path: Union[str, Path], n_ctx: int = 512, type_k: str = "f16", type_v: str = "f16",
+                 flash_attn: Optional[bool] = True, n_threads: Optional[int] = None, n_ubatch: int = 512,
+                 rotation: bool = True, eval_callback: Optional[EvalCallback] = None, verbose: bool = False,
+                 nsq_calib: NsqCalib = None):
+        import llama_cpp
+
+        self.type_k, self.type_v = type_k, type_v
+        self.attn_rot: dict[str, bool] = {}
+        self._eval = (None if eval_callback is None else
+                      llama_cpp.ggml_backend_sched_eval_callback(lambda t, ask, ud: eval_callback(t, ask)))
+        params = context_params(n_ctx, type_k, type_v, flash_attn, n_threads, n_ubatch, self._eval)
+        self._stack = ExitStack()
+        try:
+            self.model = self._stack.enter_context(Model(model_path, verbose, LogTap(on_line=self._read_rotation)))
+            self.nsq_calib = self._calibration(params.type_k, nsq_calib)
+            with scoped_env(cache_env(params.type_k, rotation, self.nsq_calib)), self.model.log:
+                self.ctx = llama_cpp.llama_init_from_model(self.model.ptr, params)
+            if not self.ctx:
+                raise LlamaError(f"llama.cpp could not create a context (cache K {type_k}, V {type_v}):\n"
+                                 f"{self.model.log.tail()}")
+            self._stack.callback(llama_cpp.llama_free, self.ctx)
+            self._batch = llama_cpp.llama_batch_init(llama_cpp.llama_n_ctx(self.ctx), 0, 1)
+            self._stack.callback(llama_cpp.llama_batch_free, self._batch)
+        except BaseException:
+            self._stack.close()
+            raise
+        self.n_ctx = llama_cpp.llama_n_ctx(self.ctx)
+        self.memory = llama_cpp.llama_get_memory(self.ctx)
+
+    def _read_rotation(self, line: str) -> None:
+        m = _ROT_LINE.search(line)  # llama.cpp reports it as it creates the cache
+        if m:
+            self.attn_rot[m.group(1)] = m.group(2) == "1"
+
+    def _calibration(self, type_k: int, nsq_calib: NsqCalib) -> Optional[Path]:
+        import llama_cpp
+
+        if type_k == llama_cpp.GGML_TYPE_NSQ4:
+            from nsq_local import calibrate
+
+            # as llama_cpp.Llama does it: centered by default
+            return calibrate.resolve(self.model.path, self.model.ptr, nsq_calib)
+        if nsq_calib:
+            raise ValueError(f"an NSQ4 calibration applies to an nsq4 K cache, not {self.type_k}")
+        return None
+
+    def __enter__(self) -> "Decoder":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._stack.close()
+        self.ctx = self._batch = None
 
     def clear(self) -> None:
         import llama_cpp
@@ -287,15 +280,17 @@ class Session:
             b.seq_id[i][0] = 0
             b.logits[i] = logits
         b.n_tokens = n
-        rc = llama_cpp.llama_decode(self.ctx, b)
+        with self.model.log:
+            rc = llama_cpp.llama_decode(self.ctx, b)
         if rc != 0:
-            raise LlamaError(f"llama_decode returned {rc} ({n} tokens at position {pos0}):\n{_log_tail()}")
+            raise LlamaError(f"llama_decode returned {rc} ({n} tokens at position {pos0}):\n{self.model.log.tail()}")
         if not logits:
             return None
-        out = np.empty((n, self.n_vocab), dtype=np.float32)
+        n_vocab = self.model.n_vocab
+        out = np.empty((n, n_vocab), dtype=np.float32)
         for i in range(n):
             ptr = llama_cpp.llama_get_logits_ith(self.ctx, i)
-            out[i] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+            out[i] = np.ctypeslib.as_array(ptr, shape=(n_vocab,))
         return out
 
 
@@ -338,23 +333,24 @@ class _Collector:
 
 
 class Capturer:
-    """A Session whose eval callback keeps the named Q/K/V tensors: capture any number of token runs with one
-    loaded model. `parts` picks what is kept, from "qkv" (calibration needs only "k")."""
+    """A Decoder whose eval callback keeps the named Q/K/V tensors: capture any number of token runs with one
+    loaded model (`model`). `parts` picks what is kept, from "qkv" (calibration needs only "k")."""
 
     _TAGS = {"q": "Qcur", "k": "Kcur", "v": "Vcur"}
 
     def __init__(self, model_path: Union[str, Path], n_ctx: int, *, parts: str = "qkv", type_k: str = "f32",
                  type_v: str = "f32", rotation: bool = True, flash_attn: bool = True, n_threads: Optional[int] = None,
-                 n_ubatch: int = 512, verbose: bool = False, nsq_calib: Union[None, bool, str, Path] = None):
+                 n_ubatch: int = 512, verbose: bool = False, nsq_calib: NsqCalib = None):
         if not parts or set(parts) - set(self._TAGS):
             raise ValueError(f"parts must be letters of 'qkv', got {parts!r}")
         self.parts = parts
         self.n_ubatch = n_ubatch
         self._collector = _Collector()
-        self.session = Session(model_path, n_ctx=n_ctx, type_k=type_k, type_v=type_v, flash_attn=flash_attn,
+        self.decoder = Decoder(model_path, n_ctx=n_ctx, type_k=type_k, type_v=type_v, flash_attn=flash_attn,
                                n_threads=n_threads, n_ubatch=n_ubatch, rotation=rotation,
                                eval_callback=self._collector, verbose=verbose, nsq_calib=nsq_calib)
-        for il in range(self.session.n_layer):
+        self.model = self.decoder.model
+        for il in range(self.model.n_layer):
             for part in parts:
                 self._collector.names[f"{self._TAGS[part]}-{il}"] = (part, il)
 
@@ -362,11 +358,11 @@ class Capturer:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.session.close()
+        self.decoder.close()
 
     def run(self, tokens: Sequence[int]) -> QKV:
         """The tensors of `tokens` at positions 0.. in an emptied cache; parts not asked for are empty lists."""
-        s, c = self.session, self._collector
+        s, m, c = self.decoder, self.model, self._collector
         tokens = [int(t) for t in tokens]
         if not tokens:
             raise ValueError("a capture needs at least one token")
@@ -381,9 +377,9 @@ class Capturer:
             c.end_ubatch()
 
         out: dict[str, list[npt.NDArray[np.float32]]] = {"q": [], "k": [], "v": []}
-        heads_of = {"q": s.n_head, "k": s.n_head_kv, "v": s.n_head_kv}
+        heads_of = {"q": m.n_head, "k": m.n_head_kv, "v": m.n_head_kv}
         for part in self.parts:
-            for il in range(s.n_layer):
+            for il in range(m.n_layer):
                 pieces = []
                 for ub in c.done:
                     if (part, il) not in ub:
@@ -395,20 +391,20 @@ class Capturer:
             if out[part][0].shape[0] != len(tokens):
                 raise LlamaError(f"captured {out[part][0].shape[0]} token rows for {len(tokens)} tokens")
         c.done = []
-        return QKV(out["q"], out["k"], out["v"], s.n_head, s.n_head_kv)
+        return QKV(out["q"], out["k"], out["v"], m.n_head, m.n_head_kv)
 
 
 def capture_qkv(model_path: Union[str, Path], tokens: Sequence[int], n_ctx: Optional[int] = None, *,
                 type_k: str = "f32", type_v: str = "f32", rotation: bool = True, flash_attn: bool = True,
                 n_threads: Optional[int] = None, n_ubatch: int = 512, verbose: bool = False,
-                nsq_calib: Union[None, bool, str, Path] = None) -> QKV:
+                nsq_calib: NsqCalib = None) -> QKV:
     """Q, K and V of every layer for `tokens` (positions 0..), as llama.cpp computes them for its cache.
 
     K is post-RoPE and V as projected, both before upstream's Hadamard rotation, which happens after them in the
     graph. Arrays are float32: q[il] (n_tokens, n_head, head_dim), k[il] and v[il] (n_tokens, n_head_kv, head_dim).
     The model runs with a cache of type_k/type_v (default f32: the model's own values at every layer; a lossy type
     gives the values that model computes when its earlier layers read that cache). n_ctx defaults to len(tokens);
-    the tokens are decoded n_ubatch at a time, as llama_decode would split them. nsq_calib is Session's: K is
+    the tokens are decoded n_ubatch at a time, as llama_decode would split them. nsq_calib is Decoder's: K is
     captured before an nsq4 cache centers it. For several runs on one model, use a Capturer.
     """
     if len(tokens) == 0:
@@ -434,13 +430,13 @@ class CacheLayer:
     v_rows: Optional[npt.NDArray[np.uint8]]  # (n_cells, row bytes); None for a transposed (non-flash) V cache
 
 
-def read_cache(session: Session, seq_id: int = 0) -> list[CacheLayer]:
+def read_cache(decoder: Decoder, seq_id: int = 0) -> list[CacheLayer]:
     """What the KV cache holds for a sequence, per layer, from llama_state_seq_get_data (single-stream caches)."""
     import llama_cpp
 
-    size = llama_cpp.llama_state_seq_get_size(session.ctx, seq_id)
+    size = llama_cpp.llama_state_seq_get_size(decoder.ctx, seq_id)
     buf = (ctypes.c_uint8 * size)()
-    got = llama_cpp.llama_state_seq_get_data(session.ctx, buf, size, seq_id)
+    got = llama_cpp.llama_state_seq_get_data(decoder.ctx, buf, size, seq_id)
     data = bytes(buf)[:got]
     off = 0
 
@@ -458,8 +454,8 @@ def read_cache(session: Session, seq_id: int = 0) -> list[CacheLayer]:
         _pos, n_seq = take("iI")
         off += 4 * n_seq
     v_trans, n_layer = take("II")
-    if n_layer != session.n_layer:
-        raise LlamaError(f"the state has {n_layer} layers, the model {session.n_layer}: the cell metadata has a "
+    if n_layer != decoder.model.n_layer:
+        raise LlamaError(f"the state has {n_layer} layers, the model {decoder.model.n_layer}: the cell metadata has a "
                          "layout this parser does not know")
     layers: list[CacheLayer] = []
     for _ in range(n_layer):

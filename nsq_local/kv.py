@@ -287,12 +287,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.ctx_size < 2:
             raise UsageError(f"-c {args.ctx_size}: analyse at least 2 tokens")
         pyplot()  # fail before the model runs, not after
-        with capture.Session(model, n_ctx=64, verbose=args.verbose) as s:
+        with capture.Model(model, verbose=args.verbose) as m:
             # bytes, then decode: no newline translation, the text llama.cpp tools read
-            tokens = s.tokenize(text.read_bytes().decode("utf-8", errors="replace"))
+            tokens = m.tokenize(text.read_bytes().decode("utf-8", errors="replace"))
             calib = None
             if "nsq4" in types:
-                calib = calibrate.resolve(model, s.model, {None: None, "none": False}.get(args.nsq_calib,
+                calib = calibrate.resolve(model, m.ptr, {None: None, "none": False}.get(args.nsq_calib,
                                                                                           args.nsq_calib))
         if len(tokens) < args.ctx_size:
             raise UsageError(f"the text has {len(tokens)} tokens, fewer than -c {args.ctx_size}")

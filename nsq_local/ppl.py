@@ -39,7 +39,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import numpy.typing as npt
 
-from nsq_local.capture import LlamaError, Session
+from nsq_local.capture import Decoder, LlamaError, Model
 from nsq_local._common import CACHE_TYPES, FLASH_ATTN, UNCENTERED, is_quantized, storage_type
 
 EXIT_USAGE = 2
@@ -147,7 +147,7 @@ class Progress:
             print(file=sys.stderr, flush=True)
 
 
-def window_logits(s: Session, window: npt.NDArray[np.int32]) -> npt.NDArray[np.float32]:
+def window_logits(s: Decoder, window: npt.NDArray[np.int32]) -> npt.NDArray[np.float32]:
     """The two passes: the prefix fills the cache, the suffix is decoded against it; logits of the scored rows."""
     half = len(window) // 2
     s.clear()
@@ -167,21 +167,21 @@ def evaluate(model: Path, tokens: npt.NDArray[np.int32], n_ctx: int, chunks: int
         raise UsageError(f"the text has {len(tokens)} tokens; -c {n_ctx} needs at least {n_ctx}: use a smaller -c "
                          "or a longer text")
     n_win = available if chunks <= 0 else min(chunks, available)
-    sessions = []
+    decoders = []
     try:
         for tk, tv in [("f16", "f16"), *pairs]:
-            sessions.append(Session(model, n_ctx=n_ctx, type_k=storage_type(tk), type_v=tv, flash_attn=flash_attn,
+            decoders.append(Decoder(model, n_ctx=n_ctx, type_k=storage_type(tk), type_v=tv, flash_attn=flash_attn,
                                     n_threads=n_threads, n_ubatch=n_ubatch, rotation=rotation, verbose=verbose,
                                     nsq_calib=False if tk == UNCENTERED else nsq_calib if tk == "nsq4" else None))
-        accs = [_Acc() for _ in sessions]
-        prog = Progress(n_win * len(sessions), f"nsq-ppl -c {n_ctx}")
+        accs = [_Acc() for _ in decoders]
+        prog = Progress(n_win * len(decoders), f"nsq-ppl -c {n_ctx}")
         for w in range(n_win):
             window = tokens[w * n_ctx:(w + 1) * n_ctx].copy()
             if add_bos:
                 window[0] = bos
             targets = window[n_ctx // 2 + 1:]
             base = None
-            for i, (s, acc) in enumerate(zip(sessions, accs)):
+            for i, (s, acc) in enumerate(zip(decoders, accs)):
                 t0 = time.perf_counter()
                 logits = window_logits(s, window)
                 acc.add(score(logits, targets, base))
@@ -192,14 +192,14 @@ def evaluate(model: Path, tokens: npt.NDArray[np.int32], n_ctx: int, chunks: int
             del base
         results = []
         base_ppl = None
-        for (tk, tv), s, acc in zip([("f16", "f16"), *pairs], sessions, accs):
+        for (tk, tv), s, acc in zip([("f16", "f16"), *pairs], decoders, accs):
             r = acc.fill(TypeResult(tk, tv, s.attn_rot.get("k", False), s.attn_rot.get("v", False),
                                     str(s.nsq_calib) if s.nsq_calib else None), base_ppl)
             if base_ppl is None:
                 base_ppl = r.ppl
             results.append(r)
     finally:
-        for s in sessions:
+        for s in decoders:
             s.close()
     return {"n_ctx": n_ctx, "prefix": n_ctx // 2, "chunks": n_win, "tokens_scored": results[0].tokens,
             "baseline": asdict(results[0]), "results": [asdict(r) for r in results[1:]]}
@@ -334,10 +334,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             bad = [tv for _, tv in pairs if is_quantized(tv)]
             if bad:
                 raise UsageError(f"a quantized V cache ({bad[0]}) requires flash attention: use -fa on")
-        with Session(model, n_ctx=64, verbose=args.verbose) as s:
+        with Model(model, verbose=args.verbose) as m:
             # bytes, then decode: no newline translation, the text llama.cpp tools read
-            tokens = s.tokenize(text.read_bytes().decode("utf-8", errors="replace"))
-            add_bos, bos, n_ctx_train = s.add_bos, s.bos, s.n_ctx_train
+            tokens = m.tokenize(text.read_bytes().decode("utf-8", errors="replace"))
+            add_bos, bos, n_ctx_train = m.add_bos, m.bos, m.n_ctx_train
         runs = []
         for c in sweep or [args.ctx_size]:
             if c > n_ctx_train:

@@ -14,13 +14,13 @@ N = 96  # tokens: one ubatch, so the cache is written by exactly the computation
 
 @pytest.fixture(scope="module")
 def tokens(smollm2, wikitext) -> np.ndarray:
-    with capture.Session(smollm2, n_ctx=64) as s:
-        return s.tokenize(wikitext.read_text(encoding="utf-8")[:20000])[:N]
+    with capture.Model(smollm2) as m:
+        return m.tokenize(wikitext.read_text(encoding="utf-8")[:20000])[:N]
 
 
 def stored(model, tokens, type_k: str, type_v: str, rotation: bool) -> list[capture.CacheLayer]:
     # an nsq4 K uncentered: the requantized captures below are of the keys as computed
-    with capture.Session(model, n_ctx=N, type_k=type_k, type_v=type_v, rotation=rotation, n_threads=THREADS,
+    with capture.Decoder(model, n_ctx=N, type_k=type_k, type_v=type_v, rotation=rotation, n_threads=THREADS,
                          nsq_calib=False if type_k == "nsq4" else None) as s:
         s.decode(tokens, 0, logits=False)
         return capture.read_cache(s)
@@ -42,7 +42,7 @@ def test_capturer_runs_again_on_one_model(smollm2, tokens):
     """Each run starts from an empty cache: a second run of other tokens, then the first again, give what fresh
     captures give; parts="k" keeps K alone. The head size comes from the GGUF."""
     with capture.Capturer(smollm2, N, parts="k", n_threads=THREADS) as cap:
-        assert cap.session.n_embd_head_k == 64
+        assert cap.model.n_embd_head_k == 64
         first = cap.run(tokens[:N // 2])
         cap.run(tokens[N // 2:])
         again = cap.run(tokens[:N // 2])

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from nsq_local import ppl
-from nsq_local.capture import Session
+from nsq_local.capture import Decoder, Model
 
 THREADS = 2
 C = 128  # windows of 128 tokens: 63 scored each; small, so the suite stays fast on 2 cores
@@ -15,19 +15,19 @@ C = 128  # windows of 128 tokens: 63 scored each; small, so the suite stays fast
 
 @pytest.fixture(scope="module")
 def window(smollm2, wikitext) -> np.ndarray:
-    with Session(smollm2, n_ctx=64) as s:
-        return s.tokenize(wikitext.read_text(encoding="utf-8")[:20000])[:C]
+    with Model(smollm2) as m:
+        return m.tokenize(wikitext.read_text(encoding="utf-8")[:20000])[:C]
 
 
 def two_pass(model, window, type_k: str, type_v: str, rotation: bool = True) -> np.ndarray:
-    with Session(model, n_ctx=C, type_k=type_k, type_v=type_v, n_threads=THREADS, rotation=rotation) as s:
+    with Decoder(model, n_ctx=C, type_k=type_k, type_v=type_v, n_threads=THREADS, rotation=rotation) as s:
         return ppl.window_logits(s, window)
 
 
 @pytest.fixture(scope="module")
 def f16_one_pass(smollm2, window) -> np.ndarray:
     """The whole window in one llama_decode with an f16 cache: the logits the model itself gives the suffix."""
-    with Session(smollm2, n_ctx=C, n_threads=THREADS) as s:
+    with Decoder(smollm2, n_ctx=C, n_threads=THREADS) as s:
         return s.decode(window, 0, logits=True)[C // 2:-1]
 
 
@@ -36,7 +36,7 @@ def test_f16_two_pass_logits_are_the_one_pass_logits(smollm2, window, f16_one_pa
 
 
 def test_the_scored_suffix_reads_the_prefix_from_the_cache(smollm2, window, f16_one_pass):
-    with Session(smollm2, n_ctx=C, n_threads=THREADS) as s:
+    with Decoder(smollm2, n_ctx=C, n_threads=THREADS) as s:
         alone = s.decode(window[C // 2:], C // 2, logits=True)[:-1]  # same positions, empty cache
     targets = window[C // 2 + 1:]
     kld = ppl.score(alone, targets, f16_one_pass).kld.mean()
