@@ -1,5 +1,5 @@
 """What nsq-local's modules share, each fact once: cache-type names, the flash-attention switch, the environment
-llama.cpp reads, llama.cpp's log and the native ggml libraries.
+llama.cpp reads, llama.cpp's log, the native ggml libraries and the command-line tools' conventions.
 
 It imports nothing else of nsq_local. The ggml type names and ids are the binding's (`llama_cpp.llama.GGML_TYPE_NAMES`
 and `ggml_type_from_name`, patch 0006); this module is also the only one that reaches into llama_cpp's private
@@ -220,3 +220,29 @@ def ggml_cpu() -> ctypes.CDLL:
     cpu.ggml_cpu_init.restype = None
     cpu.ggml_cpu_init()
     return cpu
+
+
+# --- the command-line tools --------------------------------------------------------------------------------------
+
+EXIT_USAGE = 2  # the exit status of a usage error, as argparse's
+
+
+class UsageError(ValueError):
+    """A tool's arguments or input files do not make a run: the message says what to change."""
+
+
+def nsq_calib_arg(value: Optional[str]) -> Union[None, bool, Path]:
+    """--nsq-calib FILE|none as llama_cpp.Llama's nsq_calib takes it: None (the default), False (none) or a file."""
+    return None if value is None else False if value == "none" else Path(value)
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (files only, no display needed)."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise UsageError("plots need matplotlib: pip install matplotlib (or nsq-local's `plots` extra)") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

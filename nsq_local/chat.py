@@ -20,10 +20,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from nsq_local import models
-from nsq_local._common import CACHE_TYPES, FLASH_ATTN
+from nsq_local._common import CACHE_TYPES, EXIT_USAGE, FLASH_ATTN, nsq_calib_arg
 from nsq_local.kvcache import KVCacheSize, open_llama
-
-EXIT_USAGE = 2
 
 
 @dataclass
@@ -200,7 +198,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return fail(str(e))
 
     # Llama centers an nsq4 K cache by default (the calibration cached per model file); "none" turns it off
-    calib = {None: None, "none": False}.get(args.nsq_calib, args.nsq_calib)
+    calib = nsq_calib_arg(args.nsq_calib)
     try:
         llm, kv = open_llama(
             verbose=args.verbose, model_path=str(model), n_ctx=args.ctx_size, type_k=type_k, type_v=type_v,

@@ -37,10 +37,9 @@ import numpy as np
 import numpy.typing as npt
 
 from nsq_local import calibrate, capture, cquant, reference
-from nsq_local._common import CACHE_TYPES, UNCENTERED, is_quantized, storage_type
-from nsq_local.ppl import UsageError, pyplot
+from nsq_local._common import (CACHE_TYPES, EXIT_USAGE, UNCENTERED, UsageError, is_quantized, nsq_calib_arg, pyplot,
+                               storage_type)
 
-EXIT_USAGE = 2
 DEFAULT_TYPES = ("f16", "q8_0", "q4_0", "iq4_nl", "nsq4", UNCENTERED)
 
 
@@ -292,8 +291,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             tokens = m.tokenize(text.read_bytes().decode("utf-8", errors="replace"))
             calib = None
             if "nsq4" in types:
-                calib = calibrate.resolve(model, m.ptr, {None: None, "none": False}.get(args.nsq_calib,
-                                                                                          args.nsq_calib))
+                calib = calibrate.resolve(model, m.ptr, nsq_calib_arg(args.nsq_calib))
         if len(tokens) < args.ctx_size:
             raise UsageError(f"the text has {len(tokens)} tokens, fewer than -c {args.ctx_size}")
         t0 = time.perf_counter()

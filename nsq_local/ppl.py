@@ -39,15 +39,11 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import numpy.typing as npt
 
+from nsq_local._common import (CACHE_TYPES, EXIT_USAGE, FLASH_ATTN, UNCENTERED, UsageError, is_quantized,
+                               nsq_calib_arg, pyplot, storage_type)
 from nsq_local.capture import Decoder, LlamaError, Model
-from nsq_local._common import CACHE_TYPES, FLASH_ATTN, UNCENTERED, is_quantized, storage_type
 
-EXIT_USAGE = 2
 _ROWS = 64  # logits rows per log-softmax block: bounds the float64 temporaries to a few tens of MB
-
-
-class UsageError(ValueError):
-    pass
 
 
 def log_softmax(logits: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
@@ -221,18 +217,6 @@ def format_table(run: dict) -> str:
     return "\n".join(lines)
 
 
-def pyplot():
-    """matplotlib's pyplot on the Agg backend (files only, no display needed)."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise UsageError("plots need matplotlib: pip install matplotlib (or nsq-local's `plots` extra)") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_sweep(runs: Sequence[dict], path: Path, title: str) -> None:
     plt = pyplot()
 
@@ -323,7 +307,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if sweep:
             pyplot()  # fail before the long run, not after it
         model, text = Path(args.model), Path(args.file)
-        calib = None if args.nsq_calib is None else False if args.nsq_calib == "none" else Path(args.nsq_calib)
+        calib = nsq_calib_arg(args.nsq_calib)
         if calib is not None and not any(tk == "nsq4" for tk, _ in pairs):
             raise UsageError("--nsq-calib centers an nsq4 K cache: add -ctk nsq4")
         for what, p in (("model", model), ("text", text), ("calibration", calib or None)):
