@@ -163,13 +163,13 @@ def layer_types(model: Path, text: str, means: Sequence[npt.NDArray[np.float32]]
     the median or below (else the most precise), as long as the cache's average bits per K+V value, V in nsq4, stay
     within `budget_bits`. Wider layers are not centered (llama.cpp centers nsq4 keys only).
     """
-    from nsq_local import capture, kv
-    from nsq_local.kvcache import bits_per_value
+    from nsq_local import cache_sim, capture
+    from nsq_local.cquant import bits_per_value
 
     with capture.Capturer(model, n_ctx, n_threads=n_threads) as cap:
         qkv = cap.run(cap.model.tokenize(text[:16 * n_ctx])[:n_ctx])
     t0 = time.time()
-    rot = kv.rot_block_k(qkv.k[0].shape[-1])
+    rot = cache_sim.rot_block_k(qkv.k[0].shape[-1])
 
     def attention_kl(il: int, k_hat: npt.NDArray[np.float32]) -> float:
         q, k = qkv.q[il], qkv.k[il]
@@ -189,7 +189,7 @@ def layer_types(model: Path, text: str, means: Sequence[npt.NDArray[np.float32]]
     scores = []
     for il, k in enumerate(qkv.k):
         m = np.asarray(means[il], dtype=np.float32).reshape(k.shape[1:])
-        scores.append(attention_kl(il, kv.roundtrip("nsq4", k - m, rot) + m))
+        scores.append(attention_kl(il, cache_sim.roundtrip("nsq4", k - m, rot) + m))
     median = float(np.median(scores))
     n_k, n_v = [k[0].size for k in qkv.k], [v[0].size for v in qkv.v]
     bits = {t: bits_per_value(t) for t in ("nsq4", *LAYER_TYPES)}
@@ -204,7 +204,7 @@ def layer_types(model: Path, text: str, means: Sequence[npt.NDArray[np.float32]]
         if scores[il] <= outlier * median:
             break
         fits = [t for t in LAYER_TYPES if average(il, t) <= budget_bits]
-        t = next((t for t in fits if attention_kl(il, kv.roundtrip(t, qkv.k[il], rot)) <= median),
+        t = next((t for t in fits if attention_kl(il, cache_sim.roundtrip(t, qkv.k[il], rot)) <= median),
                  fits[-1] if fits else None)
         if t is not None:
             k_bits[il], chosen[f"nsq.k_type.{il}"] = bits[t], t

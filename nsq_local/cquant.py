@@ -26,6 +26,12 @@ def block_info(name: str) -> tuple[int, int]:
     return t.blck_size, t.type_size
 
 
+def bits_per_value(name: str) -> float:
+    """What a ggml type stores per value, its block's share included."""
+    qk, size = block_info(name)
+    return 8.0 * size / qk
+
+
 def quantize(name: str, x: npt.ArrayLike, path: Literal["ref", "cpu"] = "ref") -> npt.NDArray[np.uint8]:
     base, cpu = _libs()
     tid = type_id(name)

@@ -1,4 +1,5 @@
-"""capture.py reads the K/V llama.cpp stores, kv.py rotates them as upstream does, and nsq-kv reports and plots."""
+"""capture.py reads the K/V llama.cpp stores, cache_sim.py rotates them as upstream does, and nsq-kv (kv_report.py)
+reports and plots."""
 from __future__ import annotations
 
 import json
@@ -6,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from nsq_local import capture, cquant, kv, reference
+from nsq_local import cache_sim, capture, cquant, kv_report, reference
 
 THREADS = 2
 N = 96  # tokens: one ubatch, so the cache is written by exactly the computation the eval callback sees
@@ -57,9 +58,9 @@ def requantized(qkv: capture.QKV, layers: list[capture.CacheLayer], cache: str, 
     """Per layer and K/V: (our bytes for the captured values, the cache's bytes), both as (blocks, block bytes)."""
     _, block_bytes = cquant.block_info(cache)
     for il in range(qkv.n_layer):
-        for name, x, block, rows in (("K", qkv.k[il], kv.rot_block_k(64), layers[il].k_rows),
-                                     ("V", qkv.v[il], kv.rot_block_v(64), layers[il].v_rows)):
-            flat = (kv.rotate(x, block) if rotation else x).reshape(-1)
+        for name, x, block, rows in (("K", qkv.k[il], cache_sim.rot_block_k(64), layers[il].k_rows),
+                                     ("V", qkv.v[il], cache_sim.rot_block_v(64), layers[il].v_rows)):
+            flat = (cache_sim.rotate(x, block) if rotation else x).reshape(-1)
             ours = reference.quantize(flat) if cache == "nsq4" else cquant.quantize(cache, flat, path="cpu")
             yield f"{cache} {name} layer {il}", ours.reshape(-1, block_bytes), rows.reshape(-1, block_bytes)
 
@@ -75,7 +76,7 @@ def test_captured_kv_quantized_is_what_the_cache_stores(smollm2, tokens, cache):
 
 @pytest.mark.parametrize("cache", ["q4_0", "nsq4"])
 def test_kv_rotate_is_upstreams_rotation(smollm2, tokens, cache):
-    """With upstream's rotation, kv.rotate + the quantizer reproduce the stored blocks, except the rare block where
+    """With upstream's rotation, cache_sim.rotate + the quantizer reproduce the stored blocks, except the rare block where
     ggml's matrix product rounds a rotated value differently from numpy's (measured: 11 of 34560 q4_0 blocks,
     3 of 17280 nsq4 blocks); an unrotated or wrongly rotated quantization differs in almost every block."""
     qkv = capture.capture_qkv(smollm2, tokens, type_k=cache, type_v=cache, rotation=True, n_threads=THREADS,
@@ -94,14 +95,14 @@ def test_kv_rotate_is_upstreams_rotation(smollm2, tokens, cache):
 
 def test_hadamard_is_upstreams_matrix():
     for n in (64, 128, 256):
-        h = kv.hadamard(n)
+        h = cache_sim.hadamard(n)
         np.testing.assert_array_equal(h, h.T)
         np.testing.assert_allclose(h @ h, np.eye(n), atol=1e-6)
         assert set(np.unique(h)) == {np.float32(1 / np.sqrt(np.float32(n))), -np.float32(1 / np.sqrt(np.float32(n)))}
         np.testing.assert_array_equal(h[0], h[:, 0])  # Sylvester: first row and column all +1/sqrt(n)
         assert (h[0] > 0).all()
-    assert [kv.rot_block_k(d) for d in (64, 80, 128, 192, 256)] == [64, None, 128, 64, 256]
-    assert [kv.rot_block_v(d) for d in (64, 80, 256)] == [64, None, 64]
+    assert [cache_sim.rot_block_k(d) for d in (64, 80, 128, 192, 256)] == [64, None, 128, 64, 256]
+    assert [cache_sim.rot_block_v(d) for d in (64, 80, 256)] == [64, None, 64]
 
 
 def test_attention_matches_a_per_token_loop():
@@ -109,7 +110,7 @@ def test_attention_matches_a_per_token_loop():
     q = rng.normal(size=(7, 4, 8)).astype(np.float32)
     k = rng.normal(size=(7, 2, 8)).astype(np.float32)
     v = rng.normal(size=(7, 2, 8)).astype(np.float32)
-    out = kv.attention(q, k, v)
+    out = cache_sim.attention(q, k, v)
     for t in range(7):
         for h in range(4):
             s = k[: t + 1, h // 2] @ q[t, h] / np.sqrt(8)
@@ -120,7 +121,7 @@ def test_attention_matches_a_per_token_loop():
 @pytest.fixture(scope="module")
 def report(smollm2, wikitext, tmp_path_factory):
     out = tmp_path_factory.mktemp("kv")
-    rc = kv.main(["-m", str(smollm2), "-f", str(wikitext), "-c", "64", "-t", str(THREADS),
+    rc = kv_report.main(["-m", str(smollm2), "-f", str(wikitext), "-c", "64", "-t", str(THREADS),
                   "--types", "f16,q8_0,q4_0,nsq4,nsq4-uncentered", "--out", str(out)])
     assert rc == 0
     return out, json.loads((out / "kv.json").read_text())
@@ -165,6 +166,6 @@ def test_plots_are_written(report):
 
 
 def test_unknown_type_is_a_clear_error(smollm2, wikitext, tmp_path, capsys):
-    rc = kv.main(["-m", str(smollm2), "-f", str(wikitext), "--types", "nsq4,q3_x", "--out", str(tmp_path)])
-    assert rc == kv.EXIT_USAGE
+    rc = kv_report.main(["-m", str(smollm2), "-f", str(wikitext), "--types", "nsq4,q3_x", "--out", str(tmp_path)])
+    assert rc == kv_report.EXIT_USAGE
     assert "--types 'nsq4,q3_x': use cache types from: f16, bf16, q8_0" in capsys.readouterr().err
