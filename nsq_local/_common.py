@@ -71,18 +71,18 @@ def scoped_env(values: dict[str, Optional[str]]) -> Iterator[None]:
     """Sets environment variables for a `with` block (None: unset) and puts back what was there before."""
     saved = {k: os.environ.get(k) for k in values}
     try:
-        for k, v in values.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        _set_env(values)
         yield
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        _set_env(saved)
+
+
+def _set_env(values: dict[str, Optional[str]]) -> None:
+    for k, v in values.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 # --- llama.cpp's log ---------------------------------------------------------------------------------------------
@@ -195,8 +195,6 @@ def ggml_base() -> ctypes.CDLL:
     base = _load("ggml-base")
     base.ggml_get_type_traits.restype = ctypes.POINTER(_TypeTraits)
     base.ggml_get_type_traits.argtypes = [ctypes.c_int]
-    base.ggml_type_name.restype = ctypes.c_char_p
-    base.ggml_type_name.argtypes = [ctypes.c_int]
     base.ggml_quantize_chunk.restype = ctypes.c_size_t
     base.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_float), ctypes.c_void_p,
                                          ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]

@@ -34,10 +34,9 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import numpy.typing as npt
 
+from nsq_local._common import NSQ_CALIB_ENV
 from nsq_local.models import cache_dir, file_sha256
 from nsq_local.reference import QK
-
-CALIB_ENV = "LLAMA_NSQ_CALIB"
 
 # modules whose docstrings make the built-in calibration text: stable, long, and in every Python install
 _DOC_MODULES = ("argparse", "asyncio", "collections", "csv", "datetime", "decimal", "email", "functools",
@@ -272,7 +271,7 @@ def resolve(model: Union[str, Path], model_ptr: object, nsq_calib: Union[None, b
     if nsq_calib is False:
         return None
     if nsq_calib is None or nsq_calib is True:
-        nsq_calib = os.environ.get(CALIB_ENV) or None
+        nsq_calib = os.environ.get(NSQ_CALIB_ENV) or None
         if nsq_calib is None:
             return _default(Path(model), model_ptr)
     path = Path(nsq_calib)
