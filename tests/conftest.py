@@ -1,38 +1,14 @@
+"""The tests' fixtures; the helpers they share are in helpers.py."""
 from __future__ import annotations
 
 import os
-import shutil
+import subprocess
+import sys
 from pathlib import Path
-from typing import NoReturn
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-# shipped so that a clone runs the tests as it is (tests/data/README.md: source, license, how it was cut);
-# NSQ_WIKITEXT overrides it
-WIKITEXT_HEAD = ROOT / "tests" / "data" / "wikitext-2-test-head.txt"
-
-
-def missing_tool(what: str, install: str) -> NoReturn:
-    """Skips a test whose optional tool is not installed. CI sets NSQ_REQUIRE_ALL_TOOLS=1, which makes it a failure
-    instead, so that a CI machine that lost a tool cannot pass by skipping what needs it."""
-    message = f"{what}: install {install}"
-    if os.environ.get("NSQ_REQUIRE_ALL_TOOLS") == "1":
-        pytest.fail(message)
-    pytest.skip(message)
-
-
-def require_tool(program: str, install: str) -> str:
-    """The path of an optional program, or missing_tool's skip naming the package that provides it."""
-    path = shutil.which(program)
-    if path is None:
-        missing_tool(f"{program} is not on PATH", install)
-    return path
-
-
-def tools_dir() -> Path:
-    """The llama.cpp tools built from the same patched tree (tests/run.sh builds them into build/tools/bin)."""
-    return Path(os.environ.get("NSQ_TOOLS_DIR", ROOT / "build" / "tools" / "bin"))
+from helpers import ROOT, WIKITEXT_HEAD, tools_dir
 
 
 @pytest.fixture(scope="session")
@@ -66,13 +42,15 @@ def wikitext() -> Path:
 
 @pytest.fixture(scope="session")
 def upstream_tree() -> Path:
-    """The patched upstream tree (prepared by tests/run.sh; preparing again is a no-op when it is up to date)."""
-    import subprocess
-    import sys
-
+    """The patched upstream tree: $NSQ_UPSTREAM_TREE, used as it is, else build/upstream, prepared (tests/run.sh
+    prepares it; preparing again is a no-op when it is up to date). Every test that reads or builds the patched
+    sources takes it from here."""
+    given = os.environ.get("NSQ_UPSTREAM_TREE")
+    if given:
+        return Path(given).resolve()
     dest = ROOT / "build" / "upstream"
     proc = subprocess.run([sys.executable, str(ROOT / "ggml_patch" / "prepare.py"), "--dest", str(dest)],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         pytest.fail(f"preparing the patched tree failed:\n{proc.stderr}")
     return dest

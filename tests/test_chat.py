@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import shutil
 import subprocess
-import sys
 
 import pexpect
 import pytest

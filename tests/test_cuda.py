@@ -13,19 +13,15 @@ import os
 import shlex
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from helpers import ROOT, missing_tool, require_tool
 from nsq_local import reference
-from conftest import missing_tool, require_tool
 
-ROOT = Path(__file__).resolve().parent.parent
-TREE = ROOT / "build" / "upstream"
-LLAMA = TREE / "vendor" / "llama.cpp"
 OUT = ROOT / "build" / "cuda-compile"
 
 ARCHS = ("80", "90")
@@ -71,14 +67,13 @@ def run(cmd: list, timeout: int = 900) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def tree() -> Path:
-    proc = run([sys.executable, ROOT / "ggml_patch" / "prepare.py", "--dest", TREE])
-    assert proc.returncode == 0, proc.stderr
-    return LLAMA
+def llama_src(upstream_tree) -> Path:
+    """llama.cpp's sources in the patched tree."""
+    return upstream_tree / "vendor" / "llama.cpp"
 
 
 @pytest.fixture(scope="module")
-def compile_commands(tree) -> dict[str, list[str]]:
+def compile_commands(llama_src) -> dict[str, list[str]]:
     """nvcc command lines of the real -DGGML_CUDA=ON build, from CMake's compile_commands.json.
 
     A machine without a GPU driver has no libcuda for the CUDA::cuda_driver link target, so CMake's generate step
@@ -86,7 +81,7 @@ def compile_commands(tree) -> dict[str, list[str]]:
     nvcc()
     build = OUT / "configure"
     shutil.rmtree(build, ignore_errors=True)
-    proc = run(["cmake", "-S", tree, "-B", build, "-G", "Ninja", "-DGGML_CUDA=ON", "-DGGML_NATIVE=OFF",
+    proc = run(["cmake", "-S", llama_src, "-B", build, "-G", "Ninja", "-DGGML_CUDA=ON", "-DGGML_NATIVE=OFF",
                 "-DCMAKE_EXPORT_COMPILE_COMMANDS=ON", f"-DCMAKE_CUDA_COMPILER={nvcc()}",
                 "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_TOOLS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
                 "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF"])
@@ -96,7 +91,7 @@ def compile_commands(tree) -> dict[str, list[str]]:
         pytest.fail(f"CMake could not configure the CUDA build:\n{log[-4000:]}")
     assert "FlashAttention K-V type combinations:" in log and "nsq4-nsq4" in log.split(
         "FlashAttention K-V type combinations:")[1].splitlines()[0], "nsq4-nsq4 is not in the default FA set"
-    cuda_dir = tree / "ggml" / "src" / "ggml-cuda"
+    cuda_dir = llama_src / "ggml" / "src" / "ggml-cuda"
     commands = {}
     for entry in json.loads(db.read_text()):
         f = Path(entry["file"])
@@ -123,12 +118,12 @@ def nvcc_command(base: list[str], arch: str, obj: Path, include: Path) -> list[s
             "-o", str(obj), *cmd[-2:]]
 
 
-def own_warnings(output: str, tree: Path) -> list[str]:
+def own_warnings(output: str, llama_src: Path) -> list[str]:
     """Warnings in ggml's sources; the CUDA toolkit's own headers warn under ggml's -Wextra and are not ours."""
-    return [ln for ln in output.splitlines() if "warning" in ln.lower() and str(tree) in ln]
+    return [ln for ln in output.splitlines() if "warning" in ln.lower() and str(llama_src) in ln]
 
 
-def test_cuda_units_compile(cublas_include, tree, compile_commands):
+def test_cuda_units_compile(cublas_include, llama_src, compile_commands):
     missing = [u for u in UNITS if u not in compile_commands]
     assert not missing, f"not part of the CUDA build: {missing}"
     objdir = OUT / "obj"
@@ -154,7 +149,8 @@ def test_cuda_units_compile(cublas_include, tree, compile_commands):
 
     failed = [f"{unit} sm_{arch}:\n{proc.stderr[-3000:]}" for unit, arch, _, proc in results if proc.returncode]
     assert not failed, "\n\n".join(failed)
-    warned = {f"{unit} sm_{arch}": own_warnings(proc.stdout + proc.stderr, tree) for unit, arch, _, proc in results}
+    warned = {f"{unit} sm_{arch}": own_warnings(proc.stdout + proc.stderr, llama_src)
+              for unit, arch, _, proc in results}
     warned = {k: v for k, v in warned.items() if v}
     assert not warned, json.dumps(warned, indent=1)[:4000]
 
@@ -164,11 +160,11 @@ def test_cuda_units_compile(cublas_include, tree, compile_commands):
 
 
 @pytest.fixture(scope="module")
-def nsq4_host(tree) -> Path:
+def nsq4_host(llama_src) -> Path:
     exe = OUT / "nsq4_host"
     exe.parent.mkdir(parents=True, exist_ok=True)
-    proc = run([nvcc(), "-std=c++17", "-O2", "-x", "cu", "-I", tree / "ggml" / "src", "-I", tree / "ggml" / "include",
-                ROOT / "tests" / "cuda" / "nsq4_host.cu", "-o", exe])
+    proc = run([nvcc(), "-std=c++17", "-O2", "-x", "cu", "-I", llama_src / "ggml" / "src",
+                "-I", llama_src / "ggml" / "include", ROOT / "tests" / "cuda" / "nsq4_host.cu", "-o", exe])
     assert proc.returncode == 0, proc.stderr[-4000:]
     return exe
 

@@ -14,29 +14,18 @@ import re
 import shutil
 import struct
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from helpers import ROOT, adversarial_blocks, random_blocks
 from nsq_local import reference as ref
-from test_reference import adversarial_blocks, random_blocks
 
 SHIM = ROOT / "tests" / "metal_shim"
 OUT = ROOT / "build" / "metal-shim"
 KERNELS = "vendor/llama.cpp/ggml/src/ggml-metal/kernels"
 MARK = re.compile(r"^// NSQ4 BLOCK FUNCTIONS BEGIN.*?^// NSQ4 BLOCK FUNCTIONS END\n", re.M | re.S)
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Path:
-    dest = ROOT / "build" / "upstream"
-    proc = subprocess.run([sys.executable, str(ROOT / "ggml_patch" / "prepare.py"), "--dest", str(dest)],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr
-    return dest
 
 
 def extract_blocks(upstream: Path) -> str:
@@ -92,8 +81,8 @@ def metal_dequantize(exe: Path, raw: np.ndarray) -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def shim(upstream) -> Path:
-    return build(upstream, extract_blocks(upstream), "patched")
+def shim(upstream_tree) -> Path:
+    return build(upstream_tree, extract_blocks(upstream_tree), "patched")
 
 
 def test_quantize_random_blocks_bit_exact(shim):
@@ -158,11 +147,11 @@ def test_dequantize_exact(shim):
         assert bad.size == 0, f"dequantize_nsq4 {form}: {bad.size} values differ, first at value {bad[0]}"
 
 
-def test_shim_catches_a_wrong_kernel(upstream):
+def test_shim_catches_a_wrong_kernel(upstream_tree):
     """The comparison can fail: a one-character change to the Metal tie rule is detected."""
-    blocks = extract_blocks(upstream)
+    blocks = extract_blocks(upstream_tree)
     assert blocks.count("c += 16*xg > ") == 1
-    broken = build(upstream, blocks.replace("c += 16*xg > ", "c += 16*xg >= "), "broken")
+    broken = build(upstream_tree, blocks.replace("c += 16*xg > ", "c += 16*xg >= "), "broken")
     x = np.concatenate([random_blocks(0, 200), adversarial_blocks()["ties on the grid"].reshape(1, -1)])
     assert not np.array_equal(metal_quantize(broken, x), ref.quantize(x))
 
@@ -173,11 +162,11 @@ def host_names(text: str, prefix: str) -> dict[str, str]:
     return {m.group(1): re.sub(r"\s+", " ", m.group(2)) for m in pat.finditer(text)}
 
 
-def test_metal_instantiations_mirror_q4_0(upstream):
+def test_metal_instantiations_mirror_q4_0(upstream_tree):
     """Every flash-attention kernel q4_0 has at head sizes 64/128/256 exists for nsq4, with nsq4's block, its
     16-value (nl = 4) and 4-value (nl = 16) dequantizers, and the same remaining template arguments; and the
     set_rows/cpy/get_rows/F16-pre-conversion kernels, CMake sources and library entries are all there."""
-    metal = upstream / "vendor/llama.cpp/ggml/src/ggml-metal"
+    metal = upstream_tree / "vendor/llama.cpp/ggml/src/ggml-metal"
     heads = re.compile(r"_dk(64|128|256)_dv\1(_|$)")
     for q4_file, nsq4_file, deq, nl in (("fa_q4_0.metal", "fa_nsq4.metal", "dequantize_nsq4", 4),
                                         ("fa_vec_q4_0.metal", "fa_vec_nsq4.metal", "dequantize_nsq4_t4", 16)):

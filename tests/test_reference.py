@@ -4,42 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from helpers import adversarial_blocks, random_blocks
 from nsq_local import cquant
 from nsq_local import reference as ref
-
-
-def random_blocks(seed: int, n: int) -> np.ndarray:
-    """Gaussian, heavy-tailed and outlier-channel blocks with norms spread over many decades."""
-    rng = np.random.default_rng(seed)
-    gauss = rng.standard_normal((n, 64))
-    heavy = rng.standard_t(2, (n, 64))
-    outlier = rng.standard_normal((n, 64))
-    outlier[:, rng.integers(0, 64, n)] *= 50
-    x = np.concatenate([gauss, heavy, outlier]) * rng.lognormal(0, 3, (3 * n, 1))
-    return x.astype(np.float32)
-
-
-def adversarial_blocks() -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(7)
-    base = rng.standard_normal(64).astype(np.float32)
-    blocks = {
-        "zeros": np.zeros(64),
-        "one huge channel": np.where(np.arange(64) == 5, 1e4, 1e-3),
-        "one channel only": np.where(np.arange(64) == 63, -3.0, 0.0),
-        "1e-30 values": np.full(64, 1e-30),
-        "denormals": np.full(64, 1e-40) * np.sign(base),
-        "just above the zero threshold": base / np.abs(base).max() * 2.0**-24,
-        "near fp16 max": 65000.0 * np.sign(base),
-        "beyond fp16 range": base * 1e6,
-        "near float max": np.full(64, 3e38) * np.sign(base),
-        "NaN": np.where(np.arange(64) == 9, np.nan, base),
-        "+Inf": np.where(np.arange(64) == 0, np.inf, base),
-        "-Inf": np.where(np.arange(64) == 63, -np.inf, base),
-        "all equal": np.full(64, 0.5),
-        "all negative": -np.abs(base),
-        "ties on the grid": np.round(base * 8) / 8,
-    }
-    return {k: np.asarray(v, dtype=np.float32) for k, v in blocks.items()}
 
 
 def test_codebook_matches_c():

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 import llama_cpp
-from nsq_local._common import ROT_DISABLE_ENV, LogTap, is_quantized, scoped_env
+from helpers import kld
+from nsq_local._common import ROT_DISABLE_ENV, LogTap, is_quantized, log_verbosity, scoped_env
 
 ROTATION = [pytest.param(True, id="rot"), pytest.param(False, id="norot")]
 THREADS = 2
@@ -81,27 +82,14 @@ class Context:
         assert llama_cpp.llama_state_set_data(self.ctx, buf, len(data)) == len(data)
 
 
-def kld(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
-    """KL(P || Q) per row, in float64."""
-    def logsoftmax(x: np.ndarray) -> np.ndarray:
-        x = x.astype(np.float64)
-        x = x - x.max(axis=-1, keepdims=True)
-        return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
-
-    lp, lq = logsoftmax(p_logits), logsoftmax(q_logits)
-    return (np.exp(lp) * (lp - lq)).sum(axis=-1)
-
-
 @pytest.fixture(scope="module")
 def model(smollm2):
-    from llama_cpp import _logger
-
-    _logger.set_verbose(False)  # llama.cpp's errors still reach stderr
-    p = llama_cpp.llama_model_default_params()
-    m = llama_cpp.llama_model_load_from_file(str(smollm2).encode(), p)
-    assert m, f"could not load {smollm2}"
-    yield m
-    llama_cpp.llama_model_free(m)
+    with log_verbosity(False):  # llama.cpp's errors still reach stderr
+        p = llama_cpp.llama_model_default_params()
+        m = llama_cpp.llama_model_load_from_file(str(smollm2).encode(), p)
+        assert m, f"could not load {smollm2}"
+        yield m
+        llama_cpp.llama_model_free(m)
 
 
 @pytest.fixture(scope="module")

@@ -17,9 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT
-import test_simd
-from test_simd import check_kernels, need, run
+from helpers import ROOT, check_kernels, kernel_inputs, need, run_logged
 
 SAN_FLAGS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fsanitize-recover=alignment",
              "-fno-omit-frame-pointer"]
@@ -34,14 +32,14 @@ def asan_libs(upstream_tree, tmp_path_factory) -> Path:
     logs = tmp_path_factory.mktemp("asan")
     flags = " ".join(SAN_FLAGS)
     link = "-fsanitize=address,undefined"
-    run(["cmake", "-S", str(upstream_tree / "vendor" / "llama.cpp"), "-B", str(build), "-G", "Ninja",
-         "-DCMAKE_BUILD_TYPE=Debug", "-DCMAKE_C_FLAGS_DEBUG=-O1 -g", "-DCMAKE_CXX_FLAGS_DEBUG=-O1 -g",
-         f"-DCMAKE_C_FLAGS={flags}", f"-DCMAKE_CXX_FLAGS={flags}", f"-DCMAKE_EXE_LINKER_FLAGS={link}",
-         f"-DCMAKE_SHARED_LINKER_FLAGS={link}", "-DGGML_NATIVE=OFF", "-DGGML_OPENMP=OFF", "-DLLAMA_BUILD_TESTS=OFF",
-         "-DLLAMA_BUILD_TOOLS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_CURL=OFF",
-         "-DLLAMA_OPENSSL=OFF"], logs / "configure.log")
+    run_logged(["cmake", "-S", str(upstream_tree / "vendor" / "llama.cpp"), "-B", str(build), "-G", "Ninja",
+                "-DCMAKE_BUILD_TYPE=Debug", "-DCMAKE_C_FLAGS_DEBUG=-O1 -g", "-DCMAKE_CXX_FLAGS_DEBUG=-O1 -g",
+                f"-DCMAKE_C_FLAGS={flags}", f"-DCMAKE_CXX_FLAGS={flags}", f"-DCMAKE_EXE_LINKER_FLAGS={link}",
+                f"-DCMAKE_SHARED_LINKER_FLAGS={link}", "-DGGML_NATIVE=OFF", "-DGGML_OPENMP=OFF",
+                "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_TOOLS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
+                "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF"], logs / "configure.log")
     jobs = os.environ.get("NSQ_BUILD_JOBS", str(os.cpu_count() or 2))
-    run(["cmake", "--build", str(build), "-j", jobs, "--target", "ggml-base", "ggml-cpu"], logs / "build.log")
+    run_logged(["cmake", "--build", str(build), "-j", jobs, "--target", "ggml-base", "ggml-cpu"], logs / "build.log")
     lib_dir = build / "bin"
     cpu = (lib_dir / "libggml-cpu.so").read_bytes()
     assert b"__asan_report_load" in cpu and b"__ubsan_handle_" in cpu, "libggml-cpu.so is not instrumented"
@@ -50,9 +48,10 @@ def asan_libs(upstream_tree, tmp_path_factory) -> Path:
 
 def compile_sanitized(compiler: str, src: Path, lib_dir: Path, upstream_tree: Path, out: Path, std: str) -> Path:
     exe = out / src.stem
-    run([need(compiler, "install gcc and g++"), f"-std={std}", "-O1", "-g", *SAN_FLAGS, str(src),
-         "-I", str(upstream_tree / "vendor" / "llama.cpp" / "ggml" / "include"), "-L", str(lib_dir),
-         "-lggml-cpu", "-lggml-base", "-lm", f"-Wl,-rpath,{lib_dir}", "-o", str(exe)], out / f"{src.stem}-build.log")
+    run_logged([need(compiler, "install gcc and g++"), f"-std={std}", "-O1", "-g", *SAN_FLAGS, str(src),
+                "-I", str(upstream_tree / "vendor" / "llama.cpp" / "ggml" / "include"), "-L", str(lib_dir),
+                "-lggml-cpu", "-lggml-base", "-lm", f"-Wl,-rpath,{lib_dir}", "-o", str(exe)],
+               out / f"{src.stem}-build.log")
     return exe
 
 
@@ -79,7 +78,7 @@ def sanitizer_inputs() -> dict[str, np.ndarray]:
 
     corpus = sorted((ROOT / "tests" / "fuzz" / "corpus").iterdir())
     x = np.concatenate([nsq4_fuzz.blocks_from_bytes(p.read_bytes()) for p in corpus])
-    return {**test_simd.kernel_inputs(), "fuzz corpus": x.reshape(-1, 64)}
+    return {**kernel_inputs(), "fuzz corpus": x.reshape(-1, 64)}
 
 
 @pytest.mark.parametrize("blocks_per_row", [1, 3, 8])

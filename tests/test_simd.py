@@ -9,16 +9,14 @@ the dot-product extension, and runs them under qemu-aarch64. The AVX-512 kernels
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from helpers import ROOT, check_kernels, kernel_inputs, need, require_tool, run_logged, tools_dir
 from nsq_local import reference as ref
-from conftest import ROOT, require_tool, tools_dir
-from test_reference import adversarial_blocks, random_blocks
 
 CHECK_SRC = ROOT / "tests" / "c" / "nsq4_check.c"
 FATTN_SRC = ROOT / "tests" / "c" / "nsq4_fattn.c"
@@ -27,34 +25,17 @@ AARCH64_ARCHS = {"dotprod": "armv8.2-a+dotprod", "plain": "armv8-a"}
 APT_HINT = "apt-get install gcc-aarch64-linux-gnu g++-aarch64-linux-gnu qemu-user"
 
 
-def upstream_tree() -> Path:
-    return Path(os.environ.get("NSQ_UPSTREAM_TREE", ROOT / "build" / "upstream"))
-
-
-def need(tool: str, hint: str) -> str:
-    """A program that every machine with the README's prerequisites has: missing, it fails the test."""
-    path = shutil.which(tool)
-    if path is None:
-        pytest.fail(f"{tool} is not installed: {hint}")
-    return path
-
-
-def run(cmd: list[str], log: Path, **kw) -> None:
-    with open(log, "w") as f:
-        r = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, **kw)
-    if r.returncode:
-        pytest.fail(f"{' '.join(map(str, cmd))} failed ({r.returncode}); see {log}:\n{log.read_text()[-3000:]}")
-
-
-def compile_check(cc: str, lib_dir: Path, out: Path) -> Path:
-    """Builds nsq4_check and, beside it, nsq4_fattn (see fattn_cmd) against the ggml libraries in lib_dir."""
-    include = upstream_tree() / "vendor" / "llama.cpp" / "ggml" / "include"
+def compile_check(cc: str, lib_dir: Path, out: Path, tree: Path) -> Path:
+    """Builds nsq4_check and, beside it, nsq4_fattn (see fattn_cmd) against the ggml libraries in lib_dir and the
+    headers of the patched tree."""
+    include = tree / "vendor" / "llama.cpp" / "ggml" / "include"
     if not include.is_dir():
         pytest.fail(f"{include} is missing: prepare the patched tree with `python3 ggml_patch/prepare.py "
                     f"--dest build/upstream` (or set NSQ_UPSTREAM_TREE)")
     for src in (CHECK_SRC, FATTN_SRC):
-        run([cc, "-O2", "-std=c11", str(src), "-I", str(include), "-L", str(lib_dir), "-lggml-cpu", "-lggml-base",
-             "-lm", f"-Wl,-rpath,{lib_dir}", "-o", str(out / src.stem)], out / f"{src.stem}-build.log")
+        run_logged([cc, "-O2", "-std=c11", str(src), "-I", str(include), "-L", str(lib_dir), "-lggml-cpu",
+                    "-lggml-base", "-lm", f"-Wl,-rpath,{lib_dir}", "-o", str(out / src.stem)],
+                   out / f"{src.stem}-build.log")
     return out / CHECK_SRC.stem
 
 
@@ -64,12 +45,13 @@ def fattn_cmd(check_cmd: list[str]) -> list[str]:
 
 
 @pytest.fixture(scope="session")
-def native_check(tmp_path_factory) -> list[str]:
+def native_check(upstream_tree, tmp_path_factory) -> list[str]:
     lib_dir = tools_dir()
     if not (lib_dir / "libggml-cpu.so").is_file():
         pytest.fail(f"{lib_dir}/libggml-cpu.so is missing: build the tools with `bash tests/run.sh` "
                     f"(or set NSQ_TOOLS_DIR)")
-    return [str(compile_check(need("cc", "install a C compiler"), lib_dir, tmp_path_factory.mktemp("native")))]
+    return [str(compile_check(need("cc", "install a C compiler"), lib_dir, tmp_path_factory.mktemp("native"),
+                              upstream_tree))]
 
 
 def cpu_flags() -> set[str]:
@@ -80,16 +62,16 @@ def cpu_flags() -> set[str]:
 
 
 @pytest.fixture(scope="session")
-def avx512_check(tmp_path_factory) -> list[str]:
+def avx512_check(upstream_tree, tmp_path_factory) -> list[str]:
     out = tmp_path_factory.mktemp("avx512")
     build = out / "build"
-    run(["cmake", "-S", str(upstream_tree() / "vendor" / "llama.cpp"), "-B", str(build), "-G", "Ninja",
-         "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=OFF", "-DGGML_AVX512=ON", "-DGGML_OPENMP=OFF",
-         "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_TOOLS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
-         "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF"], out / "configure.log")
+    run_logged(["cmake", "-S", str(upstream_tree / "vendor" / "llama.cpp"), "-B", str(build), "-G", "Ninja",
+                "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=OFF", "-DGGML_AVX512=ON", "-DGGML_OPENMP=OFF",
+                "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_TOOLS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
+                "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF"], out / "configure.log")
     jobs = os.environ.get("NSQ_BUILD_JOBS", str(os.cpu_count() or 2))
-    run(["cmake", "--build", str(build), "-j", jobs, "--target", "ggml-base", "ggml-cpu"], out / "build.log")
-    exe = compile_check(need("cc", "install a C compiler"), build / "bin", out)
+    run_logged(["cmake", "--build", str(build), "-j", jobs, "--target", "ggml-base", "ggml-cpu"], out / "build.log")
+    exe = compile_check(need("cc", "install a C compiler"), build / "bin", out, upstream_tree)
     # the build compiles everywhere; running it needs the instructions ggml's AVX512 option turns on
     missing = {"avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw"} - cpu_flags()
     if missing:
@@ -98,7 +80,7 @@ def avx512_check(tmp_path_factory) -> list[str]:
 
 
 @pytest.fixture(scope="session", params=list(AARCH64_ARCHS))
-def aarch64_check(request, tmp_path_factory) -> list[str]:
+def aarch64_check(request, upstream_tree, tmp_path_factory) -> list[str]:
     cc = require_tool("aarch64-linux-gnu-gcc", f"gcc-aarch64-linux-gnu ({APT_HINT})")
     cxx = require_tool("aarch64-linux-gnu-g++", f"g++-aarch64-linux-gnu ({APT_HINT})")
     qemu = require_tool("qemu-aarch64", f"qemu-user ({APT_HINT})")
@@ -107,94 +89,16 @@ def aarch64_check(request, tmp_path_factory) -> list[str]:
     toolchain.write_text("set(CMAKE_SYSTEM_NAME Linux)\nset(CMAKE_SYSTEM_PROCESSOR aarch64)\n"
                          f"set(CMAKE_C_COMPILER {cc})\nset(CMAKE_CXX_COMPILER {cxx})\n")
     build = out / "build"
-    run(["cmake", "-S", str(upstream_tree() / "vendor" / "llama.cpp"), "-B", str(build), "-G", "Ninja",
-         f"-DCMAKE_TOOLCHAIN_FILE={toolchain}", "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=OFF",
-         f"-DGGML_CPU_ARM_ARCH={AARCH64_ARCHS[request.param]}", "-DGGML_OPENMP=OFF", "-DLLAMA_BUILD_TESTS=ON",
-         "-DLLAMA_BUILD_TOOLS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_CURL=OFF",
-         "-DLLAMA_OPENSSL=OFF"], out / "configure.log")
+    run_logged(["cmake", "-S", str(upstream_tree / "vendor" / "llama.cpp"), "-B", str(build), "-G", "Ninja",
+                f"-DCMAKE_TOOLCHAIN_FILE={toolchain}", "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=OFF",
+                f"-DGGML_CPU_ARM_ARCH={AARCH64_ARCHS[request.param]}", "-DGGML_OPENMP=OFF", "-DLLAMA_BUILD_TESTS=ON",
+                "-DLLAMA_BUILD_TOOLS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_CURL=OFF",
+                "-DLLAMA_OPENSSL=OFF"], out / "configure.log")
     targets = ["ggml-base", "ggml-cpu"] + (["test-quantize-fns"] if request.param == "dotprod" else [])
     jobs = os.environ.get("NSQ_BUILD_JOBS", str(os.cpu_count() or 2))
-    run(["cmake", "--build", str(build), "-j", jobs, "--target", *targets], out / "build.log")
-    exe = compile_check(cc, build / "bin", out)
+    run_logged(["cmake", "--build", str(build), "-j", jobs, "--target", *targets], out / "build.log")
+    exe = compile_check(cc, build / "bin", out, upstream_tree)
     return [qemu, "-L", str(AARCH64_SYSROOT), str(exe)]
-
-
-def kernel_inputs() -> dict[str, np.ndarray]:
-    """Blocks for the kernels: random, adversarial, and values exactly on the code thresholds and grid ties."""
-    rng = np.random.default_rng(11)
-    # xg = 16*xg > (kv[m]+kv[m+1])*S holds with equality when xg = mid*S/16; a block whose max is 2047 puts
-    # every such integer xg on the grid exactly
-    mids = (ref.KVALUES[:-1] + ref.KVALUES[1:])[None, :] * ref.KSCALES[:, None]
-    on_thresholds = (mids[mids % 16 == 0] // 16).astype(np.float32)
-    on_thresholds = on_thresholds[np.abs(on_thresholds) <= 2047]
-    tie_blocks = []
-    for _ in range(64):
-        b = rng.choice(on_thresholds, 64).astype(np.float32)
-        b[rng.integers(64)] = 2047 * rng.choice([-1, 1])
-        tie_blocks.append(b * np.float32(2.0 ** rng.integers(-20, 20)))
-    half_steps = rng.integers(-4094, 4095, (64, 64)).astype(np.float32) / 2  # x*inv = n + 0.5: round half even
-    half_steps[:, 0] = 2047
-    return {
-        "random": random_blocks(3, 300),
-        "adversarial": np.stack(list(adversarial_blocks().values())),
-        "thresholds": np.stack(tie_blocks),
-        "grid ties": half_steps,
-    }
-
-
-def reference_dot(qx: np.ndarray, y: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-row dot products of nsq4 rows with float32 rows, exact in float64, and the sum of |terms| as their scale."""
-    xb = qx.reshape(-1, ref.BLOCK_BYTES)
-    dx = xb[:, :2].copy().view(np.float16).astype(np.float64)[:, 0]
-    codes = np.concatenate([xb[:, 2:] & 0xF, xb[:, 2:] >> 4], axis=1)
-    # d*value is exact in float64, and so is each product with a float32 y (11 + 8 + 24 significant bits)
-    terms = (dx[:, None] * ref.KVALUES[codes]).reshape(-1) * y.astype(np.float64)
-    rows = terms.reshape(-1, k)
-    return rows.sum(axis=1), np.abs(rows).sum(axis=1)
-
-
-def check_kernels(cmd: list[str], tmp_path: Path, x: np.ndarray, k: int) -> None:
-    x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
-    rng = np.random.default_rng(x.size)
-    y = rng.standard_normal(x.size).astype(np.float32)
-    (tmp_path / "x.f32").write_bytes(x.tobytes())
-    (tmp_path / "y.f32").write_bytes(y.tobytes())
-    prefix = tmp_path / "out"
-    run([*cmd, str(tmp_path / "x.f32"), str(tmp_path / "y.f32"), str(k), str(prefix)], tmp_path / "run.log")
-    qx = np.fromfile(f"{prefix}.nsq4", dtype=np.uint8)
-    qy = np.fromfile(f"{prefix}.y", dtype=np.float32)
-    dot = np.fromfile(f"{prefix}.dot", dtype=np.float32)
-
-    expected = ref.quantize(x)
-    bad = np.flatnonzero((qx != expected).reshape(-1, ref.BLOCK_BYTES).any(axis=1))
-    assert bad.size == 0, f"from_float differs from the reference in {bad.size} blocks, first {bad[:8]}"
-    # vec_dot_type F32: Q reaches the dot product unrounded
-    np.testing.assert_array_equal(qy, y)
-    want, scale = reference_dot(qx, y, k)
-    # float32 accumulation of at most 9*64 terms: every kernel's chain of roundings is far shorter than 128, so
-    # the error stays below 128 float32 epsilons of the terms' magnitude (a q8_0-rounded Q would miss by ~1e-2)
-    np.testing.assert_array_less(np.abs(dot.astype(np.float64) - want), 128 * 2.0**-24 * scale + 1e-37)
-
-    # flash attention's fused V accumulation: y + (d*value)*v, where d*value*v is exact in float64; a fused
-    # multiply-add rounds once, a separate multiply and add (the generic C) twice: within one float32 ulp either way
-    mad = np.fromfile(f"{prefix}.mad", dtype=np.float32).reshape(-1, k)
-    yr = y.reshape(-1, k).astype(np.float64)
-    want_mad = (yr + ref.dequantize(qx).reshape(-1, k).astype(np.float64) * yr[:, :1]).astype(np.float32)
-    ulp = np.spacing(np.abs(want_mad))
-    np.testing.assert_array_less(np.abs(mad.astype(np.float64) - want_mad), ulp + 1e-45)
-
-    # the grouped-query kernels: NSQ4_HEADS query heads share each quantized row, head h reads Y row (r + h) mod rows
-    heads = 5
-    rows = y.size // k
-    hy = y.reshape(-1, k)[(np.arange(rows)[:, None] + np.arange(heads)[None, :]) % rows]  # (rows, heads, k)
-    hx = np.repeat(qx.reshape(rows, -1), heads, axis=0).reshape(-1)
-    doth = np.fromfile(f"{prefix}.doth", dtype=np.float32)
-    want, scale = reference_dot(hx, hy.reshape(-1), k)
-    np.testing.assert_array_less(np.abs(doth.astype(np.float64) - want), 128 * 2.0**-24 * scale + 1e-37)
-    madh = np.fromfile(f"{prefix}.madh", dtype=np.float32).reshape(-1, k)
-    hyr = hy.reshape(-1, k).astype(np.float64)
-    want_madh = (hyr + ref.dequantize(hx).reshape(-1, k).astype(np.float64) * hyr[:, :1]).astype(np.float32)
-    np.testing.assert_array_less(np.abs(madh.astype(np.float64) - want_madh), np.spacing(np.abs(want_madh)) + 1e-45)
 
 
 def test_tables_within_simd_bounds():
@@ -295,8 +199,8 @@ def check_fattn(cmd: list[str], tmp_path: Path, case: str) -> None:
     (tmp_path / "k.nsq4").write_bytes(qk.tobytes())
     (tmp_path / "v.nsq4").write_bytes(qv.tobytes())
     (tmp_path / "mask.f32").write_bytes(mask.tobytes())
-    run([*cmd, str(tmp_path), *map(str, (dk, dv, n_q, n_kv, n_head, n_head_kv, scale, softcap, threads))],
-        tmp_path / "run.log")
+    run_logged([*cmd, str(tmp_path), *map(str, (dk, dv, n_q, n_kv, n_head, n_head_kv, scale, softcap, threads))],
+               tmp_path / "run.log")
     got = np.fromfile(tmp_path / "out.f32", dtype=np.float32).reshape(n_q, n_head, dv)
 
     kd = ref.dequantize(qk).reshape(k.shape).astype(np.float64)

@@ -8,13 +8,7 @@ from pathlib import Path
 
 import pytest
 
-
-def run(cmd: list, env: dict | None = None, timeout: int = 600) -> str:
-    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"{cmd[0]} exited {proc.returncode}:\n{out[-3000:]}"
-    return out
+from helpers import perplexity, run
 
 
 def test_quantize_fns_nsq4(tool):
@@ -26,15 +20,6 @@ def test_quantize_fns_nsq4(tool):
                                      "dot product error"], section[:500]
     assert all(status == "ok" for _, status in checks), section[:500]
     assert "0 tests failed" in out
-
-
-def perplexity(tool, model: Path, text: Path, cache: str, env: dict | None = None,
-               extra: tuple = ()) -> tuple[float, str]:
-    out = run([tool("llama-perplexity"), "-m", model, "-f", text, "-c", 1024, "--chunks", 2, "-fa", "on",
-               "-ctk", cache, "-ctv", cache, "-t", os.cpu_count() or 2, "-lv", 4, *extra], env=env)
-    m = re.search(r"Final estimate: PPL = ([0-9.]+)", out)
-    assert m, out[-2000:]
-    return float(m.group(1)), out
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,206 @@
+"""What the tests share; their fixtures are in conftest.py. No test module imports another: what two of them use is
+here. Paths, optional tools, running programs, the KL divergence, llama-perplexity, and the NSQ4 blocks and
+kernel check of the reference, SIMD and sanitizer tests.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import NoReturn
+
+import numpy as np
+import pytest
+
+from nsq_local import reference as ref
+
+ROOT = Path(__file__).resolve().parent.parent
+# shipped so that a clone runs the tests as it is (tests/data/README.md: source, license, how it was cut);
+# NSQ_WIKITEXT overrides it
+WIKITEXT_HEAD = ROOT / "tests" / "data" / "wikitext-2-test-head.txt"
+
+
+# --- programs ---------------------------------------------------------------------------------------------------------
+def missing_tool(what: str, install: str) -> NoReturn:
+    """Skips a test whose optional tool is not installed. CI sets NSQ_REQUIRE_ALL_TOOLS=1, which makes it a failure
+    instead, so that a CI machine that lost a tool cannot pass by skipping what needs it."""
+    message = f"{what}: install {install}"
+    if os.environ.get("NSQ_REQUIRE_ALL_TOOLS") == "1":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def require_tool(program: str, install: str) -> str:
+    """The path of an optional program, or missing_tool's skip naming the package that provides it."""
+    path = shutil.which(program)
+    if path is None:
+        missing_tool(f"{program} is not on PATH", install)
+    return path
+
+
+def need(tool: str, hint: str) -> str:
+    """A program that every machine with the README's prerequisites has: missing, it fails the test."""
+    path = shutil.which(tool)
+    if path is None:
+        pytest.fail(f"{tool} is not installed: {hint}")
+    return path
+
+
+def tools_dir() -> Path:
+    """The llama.cpp tools built from the same patched tree (tests/run.sh builds them into build/tools/bin)."""
+    return Path(os.environ.get("NSQ_TOOLS_DIR", ROOT / "build" / "tools" / "bin"))
+
+
+def run(cmd: list, env: dict | None = None, timeout: int = 600) -> str:
+    """Runs a program that must succeed (its environment: ours and `env`); its stdout and stderr."""
+    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"{cmd[0]} exited {proc.returncode}:\n{out[-3000:]}"
+    return out
+
+
+def run_logged(cmd: list[str], log: Path, **kw) -> None:
+    """Runs a program that must succeed, its output into `log`, which a failure quotes."""
+    with open(log, "w") as f:
+        r = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, **kw)
+    if r.returncode:
+        pytest.fail(f"{' '.join(map(str, cmd))} failed ({r.returncode}); see {log}:\n{log.read_text()[-3000:]}")
+
+
+# --- what a cache type costs ------------------------------------------------------------------------------------------
+def kld(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
+    """KL(P || Q) per row, in float64."""
+    def logsoftmax(x: np.ndarray) -> np.ndarray:
+        x = x.astype(np.float64)
+        x = x - x.max(axis=-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+    lp, lq = logsoftmax(p_logits), logsoftmax(q_logits)
+    return (np.exp(lp) * (lp - lq)).sum(axis=-1)
+
+
+def perplexity(tool, model: Path, text: Path, cache: str, env: dict | None = None,
+               extra: tuple = ()) -> tuple[float, str]:
+    out = run([tool("llama-perplexity"), "-m", model, "-f", text, "-c", 1024, "--chunks", 2, "-fa", "on",
+               "-ctk", cache, "-ctv", cache, "-t", os.cpu_count() or 2, "-lv", 4, *extra], env=env)
+    m = re.search(r"Final estimate: PPL = ([0-9.]+)", out)
+    assert m, out[-2000:]
+    return float(m.group(1)), out
+
+
+# --- NSQ4 blocks and the CPU kernels' check ---------------------------------------------------------------------------
+def random_blocks(seed: int, n: int) -> np.ndarray:
+    """Gaussian, heavy-tailed and outlier-channel blocks with norms spread over many decades."""
+    rng = np.random.default_rng(seed)
+    gauss = rng.standard_normal((n, 64))
+    heavy = rng.standard_t(2, (n, 64))
+    outlier = rng.standard_normal((n, 64))
+    outlier[:, rng.integers(0, 64, n)] *= 50
+    x = np.concatenate([gauss, heavy, outlier]) * rng.lognormal(0, 3, (3 * n, 1))
+    return x.astype(np.float32)
+
+
+def adversarial_blocks() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(7)
+    base = rng.standard_normal(64).astype(np.float32)
+    blocks = {
+        "zeros": np.zeros(64),
+        "one huge channel": np.where(np.arange(64) == 5, 1e4, 1e-3),
+        "one channel only": np.where(np.arange(64) == 63, -3.0, 0.0),
+        "1e-30 values": np.full(64, 1e-30),
+        "denormals": np.full(64, 1e-40) * np.sign(base),
+        "just above the zero threshold": base / np.abs(base).max() * 2.0**-24,
+        "near fp16 max": 65000.0 * np.sign(base),
+        "beyond fp16 range": base * 1e6,
+        "near float max": np.full(64, 3e38) * np.sign(base),
+        "NaN": np.where(np.arange(64) == 9, np.nan, base),
+        "+Inf": np.where(np.arange(64) == 0, np.inf, base),
+        "-Inf": np.where(np.arange(64) == 63, -np.inf, base),
+        "all equal": np.full(64, 0.5),
+        "all negative": -np.abs(base),
+        "ties on the grid": np.round(base * 8) / 8,
+    }
+    return {k: np.asarray(v, dtype=np.float32) for k, v in blocks.items()}
+
+
+def kernel_inputs() -> dict[str, np.ndarray]:
+    """Blocks for the kernels: random, adversarial, and values exactly on the code thresholds and grid ties."""
+    rng = np.random.default_rng(11)
+    # xg = 16*xg > (kv[m]+kv[m+1])*S holds with equality when xg = mid*S/16; a block whose max is 2047 puts
+    # every such integer xg on the grid exactly
+    mids = (ref.KVALUES[:-1] + ref.KVALUES[1:])[None, :] * ref.KSCALES[:, None]
+    on_thresholds = (mids[mids % 16 == 0] // 16).astype(np.float32)
+    on_thresholds = on_thresholds[np.abs(on_thresholds) <= 2047]
+    tie_blocks = []
+    for _ in range(64):
+        b = rng.choice(on_thresholds, 64).astype(np.float32)
+        b[rng.integers(64)] = 2047 * rng.choice([-1, 1])
+        tie_blocks.append(b * np.float32(2.0 ** rng.integers(-20, 20)))
+    half_steps = rng.integers(-4094, 4095, (64, 64)).astype(np.float32) / 2  # x*inv = n + 0.5: round half even
+    half_steps[:, 0] = 2047
+    return {
+        "random": random_blocks(3, 300),
+        "adversarial": np.stack(list(adversarial_blocks().values())),
+        "thresholds": np.stack(tie_blocks),
+        "grid ties": half_steps,
+    }
+
+
+def reference_dot(qx: np.ndarray, y: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row dot products of nsq4 rows with float32 rows, exact in float64, and the sum of |terms| as their scale."""
+    xb = qx.reshape(-1, ref.BLOCK_BYTES)
+    dx = xb[:, :2].copy().view(np.float16).astype(np.float64)[:, 0]
+    codes = np.concatenate([xb[:, 2:] & 0xF, xb[:, 2:] >> 4], axis=1)
+    # d*value is exact in float64, and so is each product with a float32 y (11 + 8 + 24 significant bits)
+    terms = (dx[:, None] * ref.KVALUES[codes]).reshape(-1) * y.astype(np.float64)
+    rows = terms.reshape(-1, k)
+    return rows.sum(axis=1), np.abs(rows).sum(axis=1)
+
+
+def check_kernels(cmd: list[str], tmp_path: Path, x: np.ndarray, k: int) -> None:
+    """Runs tests/c/nsq4_check (`cmd`) on the values x in rows of k: its from_float, vec_dot and the flash-attention
+    V accumulation, single and grouped-query, against the numpy reference."""
+    x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
+    rng = np.random.default_rng(x.size)
+    y = rng.standard_normal(x.size).astype(np.float32)
+    (tmp_path / "x.f32").write_bytes(x.tobytes())
+    (tmp_path / "y.f32").write_bytes(y.tobytes())
+    prefix = tmp_path / "out"
+    run_logged([*cmd, str(tmp_path / "x.f32"), str(tmp_path / "y.f32"), str(k), str(prefix)], tmp_path / "run.log")
+    qx = np.fromfile(f"{prefix}.nsq4", dtype=np.uint8)
+    qy = np.fromfile(f"{prefix}.y", dtype=np.float32)
+    dot = np.fromfile(f"{prefix}.dot", dtype=np.float32)
+
+    expected = ref.quantize(x)
+    bad = np.flatnonzero((qx != expected).reshape(-1, ref.BLOCK_BYTES).any(axis=1))
+    assert bad.size == 0, f"from_float differs from the reference in {bad.size} blocks, first {bad[:8]}"
+    # vec_dot_type F32: Q reaches the dot product unrounded
+    np.testing.assert_array_equal(qy, y)
+    want, scale = reference_dot(qx, y, k)
+    # float32 accumulation of at most 9*64 terms: every kernel's chain of roundings is far shorter than 128, so
+    # the error stays below 128 float32 epsilons of the terms' magnitude (a q8_0-rounded Q would miss by ~1e-2)
+    np.testing.assert_array_less(np.abs(dot.astype(np.float64) - want), 128 * 2.0**-24 * scale + 1e-37)
+
+    # flash attention's fused V accumulation: y + (d*value)*v, where d*value*v is exact in float64; a fused
+    # multiply-add rounds once, a separate multiply and add (the generic C) twice: within one float32 ulp either way
+    mad = np.fromfile(f"{prefix}.mad", dtype=np.float32).reshape(-1, k)
+    yr = y.reshape(-1, k).astype(np.float64)
+    want_mad = (yr + ref.dequantize(qx).reshape(-1, k).astype(np.float64) * yr[:, :1]).astype(np.float32)
+    ulp = np.spacing(np.abs(want_mad))
+    np.testing.assert_array_less(np.abs(mad.astype(np.float64) - want_mad), ulp + 1e-45)
+
+    # the grouped-query kernels: NSQ4_HEADS query heads share each quantized row, head h reads Y row (r + h) mod rows
+    heads = 5
+    rows = y.size // k
+    hy = y.reshape(-1, k)[(np.arange(rows)[:, None] + np.arange(heads)[None, :]) % rows]  # (rows, heads, k)
+    hx = np.repeat(qx.reshape(rows, -1), heads, axis=0).reshape(-1)
+    doth = np.fromfile(f"{prefix}.doth", dtype=np.float32)
+    want, scale = reference_dot(hx, hy.reshape(-1), k)
+    np.testing.assert_array_less(np.abs(doth.astype(np.float64) - want), 128 * 2.0**-24 * scale + 1e-37)
+    madh = np.fromfile(f"{prefix}.madh", dtype=np.float32).reshape(-1, k)
+    hyr = hy.reshape(-1, k).astype(np.float64)
+    want_madh = (hyr + ref.dequantize(hx).reshape(-1, k).astype(np.float64) * hyr[:, :1]).astype(np.float32)
+    np.testing.assert_array_less(np.abs(madh.astype(np.float64) - want_madh), np.spacing(np.abs(want_madh)) + 1e-45)
