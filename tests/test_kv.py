@@ -76,8 +76,8 @@ def test_captured_kv_quantized_is_what_the_cache_stores(smollm2, tokens, cache):
 
 @pytest.mark.parametrize("cache", ["q4_0", "nsq4"])
 def test_kv_rotate_is_upstreams_rotation(smollm2, tokens, cache):
-    """With upstream's rotation, cache_sim.rotate + the quantizer reproduce the stored blocks, except the rare block where
-    ggml's matrix product rounds a rotated value differently from numpy's (measured: 11 of 34560 q4_0 blocks,
+    """With upstream's rotation, cache_sim.rotate + the quantizer reproduce the stored blocks, except the rare block
+    where ggml's matrix product rounds a rotated value differently from numpy's (measured: 11 of 34560 q4_0 blocks,
     3 of 17280 nsq4 blocks); an unrotated or wrongly rotated quantization differs in almost every block."""
     qkv = capture.capture_qkv(smollm2, tokens, type_k=cache, type_v=cache, rotation=True, n_threads=THREADS,
                               nsq_calib=False if cache == "nsq4" else None)
