@@ -2,9 +2,9 @@
 llama.cpp reads, llama.cpp's log, the native ggml libraries and the command-line tools' conventions.
 
 It imports nothing else of nsq_local. The ggml type names and ids are the binding's (`llama_cpp.llama.GGML_TYPE_NAMES`
-and `ggml_type_from_name`, patch 0006); this module is also the only one that reaches into llama_cpp's private
+and `ggml_type_from_name`, patch 0006). This module is the only one that reaches into llama_cpp's private names:
 `_logger` (the log callback that prints what the verbosity lets through and keeps the error the binding's exceptions
-quote), and the only one that opens the ggml libraries.
+quote) and `llama._GGML_UNQUANTIZED_TYPES`; and the only one that opens the ggml libraries.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Union
 
-# --- cache types ------------------------------------------------------------------------------------------------
+# --- cache types ------------------------------------------------------------------------------------------------------
 
 # llama.cpp's `-ctk/-ctv` choices, plus ours; any other ggml type name is accepted by llama_cpp as well
 CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1", "nsq4")
@@ -46,7 +46,7 @@ def is_quantized(name: Union[str, int]) -> bool:
     return type_id(name) not in llama._GGML_UNQUANTIZED_TYPES
 
 
-# --- flash attention ----------------------------------------------------------------------------------------------
+# --- flash attention --------------------------------------------------------------------------------------------------
 
 # the -fa/--flash-attn choices, as llama.cpp's tools spell them, and what llama_cpp.Llama's flash_attn takes for each
 FLASH_ATTN = {"on": True, "off": False, "auto": None}
@@ -60,7 +60,7 @@ def flash_attn_type(flash_attn: Optional[bool]) -> int:
             None: llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO}[flash_attn]
 
 
-# --- the environment llama.cpp reads --------------------------------------------------------------------------------
+# --- the environment llama.cpp reads ----------------------------------------------------------------------------------
 
 ROT_DISABLE_ENV = "LLAMA_ATTN_ROT_DISABLE"  # "1": no Hadamard rotation of a quantized cache (read as it is created)
 NSQ_CALIB_ENV = "LLAMA_NSQ_CALIB"  # the calibration an nsq4 K cache is centered by ("": none)
@@ -85,7 +85,7 @@ def _set_env(values: dict[str, Optional[str]]) -> None:
             os.environ[k] = v
 
 
-# --- llama.cpp's log ---------------------------------------------------------------------------------------------
+# --- llama.cpp's log --------------------------------------------------------------------------------------------------
 
 
 class LogTap:
@@ -143,7 +143,7 @@ def log_verbosity(verbose: bool) -> Iterator[None]:
         _logger.logger.setLevel(level)
 
 
-# --- the native ggml libraries ------------------------------------------------------------------------------------
+# --- the native ggml libraries ----------------------------------------------------------------------------------------
 
 
 _to_float_t = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.POINTER(ctypes.c_float), ctypes.c_int64)
@@ -220,7 +220,7 @@ def ggml_cpu() -> ctypes.CDLL:
     return cpu
 
 
-# --- the command-line tools --------------------------------------------------------------------------------------
+# --- the command-line tools -------------------------------------------------------------------------------------------
 
 EXIT_USAGE = 2  # the exit status of a usage error, as argparse's
 
