@@ -44,7 +44,7 @@ import numpy.typing as npt
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nsq_local import calibrate, capture  # noqa: E402
-from nsq_local.kv import attention, cosine, rel_err, rot_block_k, rot_block_v, roundtrip  # noqa: E402
+from nsq_local.cache_sim import attention, cosine, rel_err, rot_block_k, rot_block_v, roundtrip  # noqa: E402
 
 Arr = npt.NDArray[np.float32]
 ROPE_TYPE_NEOX = 2  # llama.h LLAMA_ROPE_TYPE_NEOX (GGML_ROPE_TYPE_NEOX)

@@ -31,7 +31,7 @@ import numpy.typing as npt
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nsq_local import capture, reference  # noqa: E402
-from nsq_local.kv import hadamard, rot_block_k  # noqa: E402
+from nsq_local.cache_sim import hadamard, rot_block_k  # noqa: E402
 
 Arr = npt.NDArray[np.float64]
 
