@@ -222,12 +222,12 @@ class Decoder:
                 raise LlamaError(f"llama.cpp could not create a context (cache K {type_k}, V {type_v}):\n"
                                  f"{self.model.log.tail()}")
             self._stack.callback(llama_cpp.llama_free, self.ctx)
-            self._batch = llama_cpp.llama_batch_init(llama_cpp.llama_n_ctx(self.ctx), 0, 1)
+            self.n_ctx = llama_cpp.llama_n_ctx(self.ctx)
+            self._batch = llama_cpp.llama_batch_init(self.n_ctx, 0, 1)
             self._stack.callback(llama_cpp.llama_batch_free, self._batch)
         except BaseException:
             self._stack.close()
             raise
-        self.n_ctx = llama_cpp.llama_n_ctx(self.ctx)
         self.memory = llama_cpp.llama_get_memory(self.ctx)
 
     def _read_rotation(self, line: str) -> None:
