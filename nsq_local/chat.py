@@ -26,6 +26,8 @@ from nsq_local.cquant import bits_per_value
 
 # the memory a llama.cpp KV cache really takes, as it reports it when it allocates the cache
 _KV_LINE = re.compile(r"llama_kv_cache: size = .*?K \((\w+)\):\s*([0-9.]+) MiB, V \((\w+)\):\s*([0-9.]+) MiB")
+# an nsq4 cache with wider layers (per-layer precision) says its average bits first
+_LAYER_BITS = re.compile(r"nsq4: per-layer precision from .*bits/value on average: K ([0-9.]+), V ([0-9.]+)")
 
 
 @dataclass
@@ -37,23 +39,29 @@ class KVCacheSize:
     k_mib: float = 0.0
     v_mib: float = 0.0
     caches: int = 0
+    f16_mib: float = 0.0  # the same caches with f16 K and V: the same number of values at 16 bits each
+    _layer_bits: Optional[tuple[float, float]] = None
 
     @property
     def mib(self) -> float:
         return self.k_mib + self.v_mib
 
-    @property
-    def f16_mib(self) -> float:
-        """The same cache with f16 K and V: the same number of values at 16 bits each."""
-        return self.k_mib * 16 / bits_per_value(self.type_k) + self.v_mib * 16 / bits_per_value(self.type_v)
-
     def read_log_line(self, line: str) -> None:
         """Counts a cache that a line of llama.cpp's log reports as allocated."""
+        b = _LAYER_BITS.search(line)
+        if b:
+            self._layer_bits = (float(b.group(1)), float(b.group(2)))
+            return
         m = _KV_LINE.search(line)
         if m:
             self.type_k, self.type_v = m.group(1), m.group(3)
-            self.k_mib += float(m.group(2))
-            self.v_mib += float(m.group(4))
+            k_mib, v_mib = float(m.group(2)), float(m.group(4))
+            # wider layers raise the average: the named type's bits would count them as nsq4
+            bits_k, bits_v = self._layer_bits or (bits_per_value(self.type_k), bits_per_value(self.type_v))
+            self.k_mib += k_mib
+            self.v_mib += v_mib
+            self.f16_mib += k_mib * 16 / bits_k + v_mib * 16 / bits_v
+            self._layer_bits = None
             self.caches += 1
 
 

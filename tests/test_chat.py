@@ -126,3 +126,21 @@ def test_bad_arguments_are_one_line_and_exit_2(nsq_chat, args, message):
     assert proc.returncode == 2
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("nsq-chat: error: ")]
     assert len(errors) == 1 and message in errors[0], proc.stderr
+
+
+def test_f16_size_counts_wider_layers(smollm2, nsq_calib, tmp_path):
+    """The f16 size nsq-chat compares against is the f16 cache's, also when a calibration stores a layer's K in f16:
+    the named type's bits (nsq4) would count that layer as nsq4 and overstate f16's size (the negative control)."""
+    from nsq_local import calibrate
+    from nsq_local.chat import open_llama
+    from nsq_local.cquant import bits_per_value
+
+    one_f16 = tmp_path / "one-f16.gguf"
+    calibrate.write_gguf(one_f16, list(calibrate.read_gguf(nsq_calib)[1].values()), {"nsq.k_type.0": "f16"})
+    _, wider = open_llama(model_path=str(smollm2), n_ctx=256, type_k="nsq4", type_v="nsq4", nsq_calib=one_f16)
+    _, f16 = open_llama(model_path=str(smollm2), n_ctx=256, type_k="f16", type_v="f16")
+    assert wider.type_k == "nsq4" and wider.mib > 0
+    # the log prints MiB with 2 decimals: 0.82 MiB of K is known to 0.6%
+    assert abs(wider.f16_mib - f16.mib) < 0.01 * f16.mib, (wider.f16_mib, f16.mib)
+    by_type = wider.k_mib * 16 / bits_per_value("nsq4") + wider.v_mib * 16 / bits_per_value("nsq4")
+    assert by_type - f16.mib > 0.04 * f16.mib, (by_type, f16.mib)
