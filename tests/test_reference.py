@@ -71,11 +71,19 @@ def test_saturates_instead_of_inf():
     assert raw[:2].view(np.float16)[0] == np.float16(65504)
 
 
-def test_error_beats_q4_0_at_fewer_bits_on_gaussian_data():
+def test_error_on_gaussian_data_is_q4_0s_at_fewer_bits():
+    """NSQ4 keeps each block's norm instead of minimising its squared error, so on Gaussian blocks (no outlier channel,
+    nothing to center) its error is q4_0's within 1% (1.009x, measured 2026-12-02) at 4.25 bits instead of 4.5; its
+    gains are in the attention (docs/quality.md). The bound is tight: the same blocks with every scale 2% off
+    (the negative control) are 4.6% worse and fail it."""
     rng = np.random.default_rng(11)
     x = (rng.standard_normal((4000, 64)) * rng.lognormal(0, 1, (4000, 1))).astype(np.float32)
     err = {t: np.linalg.norm(cquant.dequantize(t, cquant.quantize(t, x)) - x.reshape(-1)) for t in ("nsq4", "q4_0")}
-    assert err["nsq4"] < 1.05 * err["q4_0"], err
+    assert err["nsq4"] < 1.02 * err["q4_0"], err
+    raw = np.array(cquant.quantize("nsq4", x), dtype=np.uint8).reshape(-1, 34)
+    d = raw[:, :2].copy().view(np.float16)[:, 0].astype(np.float32) * 1.02
+    raw[:, :2] = d.astype(np.float16).view(np.uint8).reshape(-1, 2)
+    assert np.linalg.norm(cquant.dequantize("nsq4", raw.reshape(-1)) - x.reshape(-1)) > 1.02 * err["q4_0"]
 
 
 def test_bad_sizes_are_rejected():
