@@ -147,7 +147,8 @@ def test_figures_order_the_types(report):
     t = r["types"]
     assert t["f16"]["k_err_mean"] < t["q8_0"]["k_err_mean"] < t["q4_0"]["k_err_mean"]
     assert t["f16"]["attn_cos_mean"] > t["q8_0"]["attn_cos_mean"] > t["q4_0"]["attn_cos_mean"]
-    assert 0 < t["nsq4"]["k_err_mean"] < 0.2
+    # measured 2026-12-02: nsq4 0.0628, q4_0 0.0825 (0.76x), f16 0.0002; a cache that skipped nsq4 would be far lower
+    assert 0.05 < t["nsq4"]["k_err_mean"] < 0.8 * t["q4_0"]["k_err_mean"]
     # centering is what the as-shipped row measures: without it, K's error is larger
     assert t["nsq4"]["k_err_mean"] < 0.8 * t["nsq4-uncentered"]["k_err_mean"]
     assert t["nsq4"]["v_err_mean"] == t["nsq4-uncentered"]["v_err_mean"]
