@@ -103,7 +103,7 @@ def main() -> int:
         calib = args.work / f"{key}.nsq.gguf"
         if not calib.is_file():  # what `nsq-calibrate -m MODEL -o FILE` makes
             calibrate.calibrate(model, calib)
-        with capture.Session(model, n_ctx=64) as s:  # as nsq-ppl and llama-perplexity tokenize
+        with capture.Model(model) as s:  # as nsq-ppl and llama-perplexity tokenize
             tokens = s.tokenize(body)
             bos = s.bos if s.add_bos else None
         first, n = args.skip, min(args.chunks, len(tokens) // args.ctx_size - args.skip)

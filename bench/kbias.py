@@ -123,9 +123,9 @@ def analyse(model: Path, text: str, n_ctx: int, k_means: list[Arr], threads: Opt
 
     info = gguf_info(model)
     with capture.Capturer(model, n_ctx, n_threads=threads) as cap:
-        s = cap.session
-        neox = llama_cpp.llama_model_rope_type(s.model) == ROPE_TYPE_NEOX
-        freq_scale = float(llama_cpp.llama_model_rope_freq_scale_train(s.model))
+        s = cap.model
+        neox = llama_cpp.llama_model_rope_type(s.ptr) == ROPE_TYPE_NEOX
+        freq_scale = float(llama_cpp.llama_model_rope_freq_scale_train(s.ptr))
         tokens = s.tokenize(text)[:n_ctx]
         if len(tokens) < n_ctx:
             raise ValueError(f"the text has {len(tokens)} tokens, fewer than -c {n_ctx}")

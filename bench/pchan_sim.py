@@ -85,7 +85,7 @@ def main() -> int:
     args = ap.parse_args()
 
     text = args.file.read_text(encoding="utf-8")
-    with capture.Session(args.model, n_ctx=8) as s:
+    with capture.Model(args.model) as s:
         eval_tokens = s.tokenize(text[:args.ctx_size * 8])[:args.ctx_size]
         calib_tokens = s.tokenize(text[len(text) // 2:len(text) // 2 + args.ctx_size * 8])[:args.ctx_size]
     ev = capture.capture_qkv(args.model, eval_tokens)
