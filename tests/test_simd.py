@@ -4,7 +4,8 @@ tests/c/nsq4_check.c runs the CPU backend's from_float and vec_dot on blocks wri
 links the libraries next to the tools (NSQ_TOOLS_DIR, built by tests/run.sh); the aarch64 run cross-builds
 ggml-base and ggml-cpu from the patched tree (NSQ_UPSTREAM_TREE, default build/upstream) twice, with and without
 the dot-product extension, and runs them under qemu-aarch64. The AVX-512 kernels, which the default build
-(AVX2/FMA/F16C) leaves out, get their own -DGGML_AVX512=ON build of the two libraries.
+(AVX2/FMA/F16C) leaves out, get their own -DGGML_AVX512=ON build of the two libraries, and the generic C code that
+x86 without AVX2, POWER, RISC-V, s390x and LoongArch run gets an x86 build with every SIMD option off.
 """
 from __future__ import annotations
 
@@ -61,17 +62,31 @@ def cpu_flags() -> set[str]:
     return set()
 
 
-@pytest.fixture(scope="session")
-def avx512_check(upstream_tree, tmp_path_factory) -> list[str]:
-    out = tmp_path_factory.mktemp("avx512")
+def build_x86_variant(upstream_tree: Path, out: Path, options: list[str]) -> Path:
+    """ggml-base and ggml-cpu of the patched tree with other x86 instruction-set options, and the checks against
+    them."""
     build = out / "build"
     run_logged(["cmake", "-S", str(upstream_tree / "vendor" / "llama.cpp"), "-B", str(build), "-G", "Ninja",
-                "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=OFF", "-DGGML_AVX512=ON", "-DGGML_OPENMP=OFF",
+                "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=OFF", *options, "-DGGML_OPENMP=OFF",
                 "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_TOOLS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
                 "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF"], out / "configure.log")
     jobs = os.environ.get("NSQ_BUILD_JOBS", str(os.cpu_count() or 2))
     run_logged(["cmake", "--build", str(build), "-j", jobs, "--target", "ggml-base", "ggml-cpu"], out / "build.log")
-    exe = compile_check(need("cc", "install a C compiler"), build / "bin", out, upstream_tree)
+    return compile_check(need("cc", "install a C compiler"), build / "bin", out, upstream_tree)
+
+
+@pytest.fixture(scope="session")
+def generic_check(upstream_tree, tmp_path_factory) -> list[str]:
+    """The generic C kernels: no SSE4.2, AVX, AVX2, FMA, F16C or BMI2, so arch/x86/quants.c falls back to them."""
+    if os.uname().machine != "x86_64":
+        pytest.skip("the generic build turns off x86 options; elsewhere the native build covers its own kernels")
+    options = [f"-DGGML_{o}=OFF" for o in ("SSE42", "AVX", "AVX2", "FMA", "F16C", "BMI2")]
+    return [str(build_x86_variant(upstream_tree, tmp_path_factory.mktemp("generic"), options))]
+
+
+@pytest.fixture(scope="session")
+def avx512_check(upstream_tree, tmp_path_factory) -> list[str]:
+    exe = build_x86_variant(upstream_tree, tmp_path_factory.mktemp("avx512"), ["-DGGML_AVX512=ON"])
     # the build compiles everywhere; running it needs the instructions ggml's AVX512 option turns on
     missing = {"avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw"} - cpu_flags()
     if missing:
@@ -116,6 +131,14 @@ def test_native_kernels(native_check, tmp_path, kind, blocks_per_row):
     x = kernel_inputs()[kind]
     rows = x.shape[0] // blocks_per_row
     check_kernels(native_check, tmp_path, x[: rows * blocks_per_row], blocks_per_row * ref.QK)
+
+
+@pytest.mark.parametrize("blocks_per_row", [1, 2, 7])
+@pytest.mark.parametrize("kind", ["random", "adversarial", "thresholds", "grid ties"])
+def test_generic_kernels(generic_check, tmp_path, kind, blocks_per_row):
+    x = kernel_inputs()[kind]
+    rows = x.shape[0] // blocks_per_row
+    check_kernels(generic_check, tmp_path, x[: rows * blocks_per_row], blocks_per_row * ref.QK)
 
 
 @pytest.mark.parametrize("blocks_per_row", [1, 2, 7])
@@ -215,6 +238,11 @@ def check_fattn(cmd: list[str], tmp_path: Path, case: str) -> None:
 @pytest.mark.parametrize("case", list(FATTN_CASES))
 def test_native_flash_attention(native_check, tmp_path, case):
     check_fattn(fattn_cmd(native_check), tmp_path, case)
+
+
+@pytest.mark.parametrize("case", list(FATTN_CASES))
+def test_generic_flash_attention(generic_check, tmp_path, case):
+    check_fattn(fattn_cmd(generic_check), tmp_path, case)
 
 
 @pytest.mark.parametrize("case", list(FATTN_CASES))
