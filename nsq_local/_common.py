@@ -1,10 +1,11 @@
 """What nsq-local's modules share, each fact once: cache-type names, the flash-attention switch, the environment
 llama.cpp reads, llama.cpp's log, the native ggml libraries and the command-line tools' conventions.
 
-It imports nothing else of nsq_local. The ggml type names and ids are the binding's (`llama_cpp.llama.GGML_TYPE_NAMES`
-and `ggml_type_from_name`, patch 0006). This module is the only one that reaches into llama_cpp's private names:
+It imports nothing else of nsq_local. The ggml type names and ids, and the set of unquantized types, are the
+binding's (`llama_cpp.llama.GGML_TYPE_NAMES`, `ggml_type_from_name`, `GGML_UNQUANTIZED_TYPES`, from the
+python-type-names-and-flash-attn patch). This module is the only one that reaches into llama_cpp's private
 `_logger` (the log callback that prints what the verbosity lets through and keeps the error the binding's exceptions
-quote) and `llama._GGML_UNQUANTIZED_TYPES`; and the only one that opens the ggml libraries.
+quote), and the only one that opens the ggml libraries.
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ def is_quantized(name: Union[str, int]) -> bool:
     from llama_cpp import llama
 
     # the binding's set, as Llama() decides whether V needs flash attention
-    return type_id(name) not in llama._GGML_UNQUANTIZED_TYPES
+    return type_id(name) not in llama.GGML_UNQUANTIZED_TYPES
 
 
 # --- flash attention --------------------------------------------------------------------------------------------------
