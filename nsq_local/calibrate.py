@@ -140,8 +140,8 @@ def model_id(model: Path) -> str:
     return digest
 
 
-# Per-layer precision (llama.cpp patch 0009): the few layers whose nsq4 keys harm attention far more than the model's
-# other layers' are stored in a wider type, named in the calibration file as "nsq.k_type.<layer>".
+# Per-layer precision (the llama-nsq4-per-layer-precision patch): the few layers whose nsq4 keys harm attention far
+# more than the model's other layers' are stored in a wider type, named in the calibration file as "nsq.k_type.<layer>".
 LAYER_BITS_BUDGET = 4.5  # the average bits per K+V value that wider layers may bring an nsq4 cache to (q4_0's)
 LAYER_OUTLIER = 10.0  # a layer is an outlier when its attention KL is this many times the median layer's
 LAYER_TYPES = ("q8_0", "f16")  # by cost: an outlier gets the cheapest that brings it to the median layer's KL

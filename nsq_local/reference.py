@@ -1,4 +1,5 @@
-"""NSQ4 in numpy, bit-exact with ggml's `quantize_row_nsq4_ref` / `dequantize_row_nsq4` (ggml_patch 0001).
+"""NSQ4 in numpy, bit-exact with ggml's `quantize_row_nsq4_ref` / `dequantize_row_nsq4` (the
+ggml-nsq4-type-and-cpu-reference patch).
 
 Format (version 1): blocks of 64 values, each `{ fp16 d; uint8 qs[32] }` = 34 bytes = 4.25 bits/value.
 Value j of a block is `d * KVALUES[code_j]`; byte `qs[j]` holds code j in its low nibble and code j+32 in its high.

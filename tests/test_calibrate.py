@@ -1,5 +1,5 @@
-"""nsq-calibrate and the K centering of patch 0007: the means are applied, exact under softmax, kept through cache
-clears and context shifts, and refused when they do not fit."""
+"""nsq-calibrate and the K centering of the llama-nsq4-k-centering patch: the means are applied, exact under softmax,
+kept through cache clears and context shifts, and refused when they do not fit."""
 from __future__ import annotations
 
 import os
@@ -388,9 +388,9 @@ def test_default_calibration_widens_an_outlier_layer(bias, upstream_tree, empty_
     head_size, n_layer = 64, 12
     k_bias = np.zeros(2 * head_size)
     for h in range(2):
-        k_bias[h * head_size:h * head_size + 16] = 30.0  # RoPE pairs 0-7: periods of 6 to 30 tokens
-    model = tiny_gguf.write_tiny_llama(tmp_path / f"tiny-{bias}.gguf", upstream_tree / "vendor" / "llama.cpp" / "gguf-py",
-                                       head_size=head_size, n_layer=n_layer,
+        k_bias[h * head_size:h * head_size + 16] = 30.0  # RoPE pairs 0-7: periods of 6 to 47 tokens
+    gguf_py = upstream_tree / "vendor" / "llama.cpp" / "gguf-py"
+    model = tiny_gguf.write_tiny_llama(tmp_path / f"tiny-{bias}.gguf", gguf_py, head_size=head_size, n_layer=n_layer,
                                        k_bias={0: k_bias} if bias == "spinning" else None)
     tokens = [1] + list(np.random.default_rng(0).integers(3, tiny_gguf.N_VOCAB, 255))
 

@@ -1,6 +1,6 @@
-"""The CUDA side of NSQ4 (ggml_patch 0003) without a GPU: every translation unit the patch adds or changes compiles
-with nvcc for sm_80 and sm_90 with the flags of the real -DGGML_CUDA=ON build, and the block quantizer those kernels
-run (ggml-cuda/nsq4.cuh) is bit-exact with nsq_local/reference.py when the same code runs on the host.
+"""The CUDA side of NSQ4 (the ggml-cuda-nsq4 patch) without a GPU: every translation unit the patch adds or changes
+compiles with nvcc for sm_80 and sm_90 with the flags of the real -DGGML_CUDA=ON build, and the block quantizer those
+kernels run (ggml-cuda/nsq4.cuh) is bit-exact with nsq_local/reference.py when the same code runs on the host.
 
 Nothing here runs on a GPU: the device paths of nsq4.cuh differ from the host path only in using the IEEE
 round-to-nearest intrinsics (__fmul_rn, __fdiv_rn, __fsqrt_rn) where the host uses the IEEE operators.
@@ -25,7 +25,7 @@ from nsq_local import reference
 OUT = ROOT / "build" / "cuda-compile"
 
 ARCHS = ("80", "90")
-# everything 0003 adds or changes, and every other unit that includes a header it changes (besides common.cuh)
+# everything the patch adds or changes, and every other unit that includes a header it changes (besides common.cuh)
 UNITS = (
     "convert.cu",
     "getrows.cu",

@@ -1,4 +1,4 @@
-"""NSQ4's Metal block functions (patch 0004) agree bit for bit with the numpy reference, on the host.
+"""NSQ4's Metal block functions (the ggml-metal-nsq4 patch) agree bit for bit with the numpy reference, on the host.
 
 No Mac is needed: the functions between the `NSQ4 BLOCK FUNCTIONS` markers of the patched kernels/quantize.h and
 kernels/dequantize.h are cut out verbatim and compiled with g++ against tests/metal_shim (half = _Float16,

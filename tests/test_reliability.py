@@ -249,7 +249,8 @@ def test_context_shift_rerotates_nsq4_keys(model, tokens, rotation):
     re-quantization of the re-roped K (dequantize, undo the Hadamard rotation, rope, rotate, quantize). q4_0 takes
     the same upstream path, so it is the yardstick; measured here with the rotation on: KLD f16 0.041, q4_0 0.104,
     nsq4 0.129. A K re-roped in the wrong (rotated) basis would be garbage for 80 of the 128 cached tokens. Without
-    the rotation, this shift crashed llama.cpp for every quantized K (null rotation matrix; fixed in patch 0005)."""
+    the rotation, this shift crashed llama.cpp for every quantized K (null rotation matrix; fixed by the
+    llama-fix-k-shift-without-rotation patch)."""
     res = {cache: shift_check(model, tokens, cache, rotation) for cache in ("f16", "q4_0", "nsq4")}
     print("context shift, KLD to a fresh run / top-1 agreement: "
           + ", ".join(f"{c} {k:.4f} / {a:.2f}" for c, (k, a) in res.items()))
@@ -320,7 +321,7 @@ def test_missing_model_file_python():
 
 def test_missing_model_file_perplexity(tool, wikitext):
     """Every time: upstream's log thread lost the message of a tool that failed this early in about half the runs
-    (patch 0008 writes the log out at exit)."""
+    (the common-flush-log-at-exit patch writes the log out at exit)."""
     import subprocess
 
     for _ in range(20):

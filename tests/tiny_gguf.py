@@ -102,7 +102,8 @@ def write_tiny_llama(path: Path, gguf_py: Path, head_size: int, n_head: int = 2,
                        n_ff=n_ff, rms_eps=1e-5, add_kv=lambda w: w.add_rope_dimension_count(head_size),
                        layer_tensors=lambda i: {"attn_norm.weight": (n_embd,),
                                                 **_attention(n_embd, n_head, n_head, head_size),
-                                                **({"attn_k.bias": k_bias[i].astype(np.float32)} if i in k_bias else {}),
+                                                **({"attn_k.bias": k_bias[i].astype(np.float32)}
+                                                   if i in k_bias else {}),
                                                 **_dense_ffn(n_embd, n_ff)})
 
 
