@@ -14,6 +14,8 @@ logits (`--kl-divergence-base`), so every type is scored on the same tokens. The
   nsq4-layers      that file's per-layer K types alone (no centering)
   nsq4-uncentered  neither (llama.cpp's tools without --nsq-calib)
 
+A type written K/V (e.g. nsq4/f16) stores K and V in different types: where the error comes from.
+
 On a model where the calibration picks no outlier layer, nsq4-centering is nsq4 and nsq4-layers is nsq4-uncentered,
 and those two rows are not run. bits/value is measured: the KV cache size llama.cpp reports, against the f16
 cache's, times 16 (so wider layers count). Logs are kept in --work; a run whose log is complete is not repeated
@@ -46,7 +48,8 @@ MODELS = {"smollm2": ("SmolLM2-135M-Instruct (Q4_1, head 64)", models.smollm2),
           "qwen15": ("Qwen2.5-Coder-1.5B-Instruct (Q4_K_M, head 128, K bias)", models.qwen25_coder_15b)}
 TYPES = ("f16", "q8_0", "q5_0", "iq4_nl", "q4_0", "nsq4", "nsq4-centering", "nsq4-layers", "nsq4-uncentered")
 ROT_OFF_TYPES = ("iq4_nl", "q4_0", "nsq4", "nsq4-uncentered")
-LONG_TYPES = ("q8_0", "q4_0", "nsq4", "nsq4-uncentered")
+KV_SPLIT_TYPES = ("nsq4/f16", "f16/nsq4")
+LONG_TYPES = ("q4_0", "nsq4")
 PATTERNS = {
     "ppl": re.compile(r"Mean PPL\(Q\)\s*:\s*([0-9.]+)\s*±\s*([0-9.]+)"),
     "ppl_base": re.compile(r"Mean PPL\(base\)\s*:\s*([0-9.]+)"),
@@ -105,6 +108,8 @@ def lever_files(shipped: Path, work: Path, key: str) -> dict[str, Path]:
 
 def measure(args, text: Path, key: str, ctx: int, chunks: int, plan: list[tuple[str, str]], rows: list,
             write) -> None:
+    if ctx > args.ctx_size and args.long_file:
+        text = args.long_file
     title, get = MODELS[key]
     model = get()
     ppl_bin = args.bin / "llama-perplexity"
@@ -124,18 +129,19 @@ def measure(args, text: Path, key: str, ctx: int, chunks: int, plan: list[tuple[
     for t, rot in plan:
         if t in ("nsq4-centering", "nsq4-layers") and not args.table_only and t not in calibs:
             continue  # no outlier layer: the same run as nsq4 / nsq4-uncentered
-        name = f"{tag}-{t}-rot{rot}"
-        log = args.work / f"{name}.log"
+        name = f"{tag}-{t.replace('/', '-v')}-rot{rot}"
+        log = base_log if t == "f16" else args.work / f"{name}.log"
         if args.table_only and not complete(log):
             continue
-        ctype = "nsq4" if t.startswith("nsq4") else t
-        calib_args = ["--nsq-calib", str(calibs[t])] if t in calibs else []
+        tk, tv = t.split("/") if "/" in t else (t, t)
+        ctk, ctv = ("nsq4" if x.startswith("nsq4") else x for x in (tk, tv))
+        calib_args = ["--nsq-calib", str(calibs[tk])] if tk in calibs else []
         env = {"LLAMA_ATTN_ROT_DISABLE": "1"} if rot == "off" else {}
         if t == "f16":
             r = f16 | {"kld": 0.0, "kld_err": 0.0, "kld99": 0.0, "top1": 100.0, "top1_err": 0.0,
                        "ppl": f16["final"], "ppl_err": f16.get("final_err"), "ppl_base": f16["final"]}
         else:
-            r = parse(run(common + ["-ctk", ctype, "-ctv", ctype, "--kl-divergence-base", str(base),
+            r = parse(run(common + ["-ctk", ctk, "-ctv", ctv, "--kl-divergence-base", str(base),
                                     "--kl-divergence", *calib_args], env, log))
         bits = 16.0 * r["kv_mib"] / f16["kv_mib"] if r["kv_mib"] and f16["kv_mib"] else None
         rows.append({"model": key, "ctx_size": ctx, "chunks": chunks, "type": t, "rotation": rot,
@@ -170,13 +176,16 @@ def table(rows: list, sets: list[tuple[str, int, int]]) -> list[str]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bin", type=Path, default=Path("build/tools/bin"), help="folder with llama-perplexity")
-    ap.add_argument("--out", type=Path, default=Path("docs/quality-table"), help="output prefix: writes OUT.json, OUT.md")
+    ap.add_argument("--out", type=Path, default=Path("docs/quality-table"),
+                    help="output prefix: writes OUT.json, OUT.md")
     ap.add_argument("--work", type=Path, default=Path("build/quality"),
                     help="logs, f16 logit files (0.3-4 GB per model and context) and lever calibrations")
     ap.add_argument("-f", "--file", type=Path, default=None,
                     help=f"text (default: $NSQ_WIKITEXT, else {WIKITEXT_HEAD.relative_to(ROOT)})")
     ap.add_argument("--models", default=",".join(MODELS), help="comma list of " + ", ".join(MODELS))
     ap.add_argument("--types", default=",".join(TYPES), help="comma list of cache types (rotation on)")
+    ap.add_argument("--kv-split-types", default=",".join(KV_SPLIT_TYPES),
+                    help="K/V pairs of different types (rotation on); '' for none")
     ap.add_argument("--rot-off-types", default=",".join(ROT_OFF_TYPES),
                     help="types also run with upstream's rotation off (LLAMA_ATTN_ROT_DISABLE=1); '' for none")
     ap.add_argument("-c", "--ctx-size", type=int, default=2048)
@@ -185,6 +194,10 @@ def main() -> int:
     ap.add_argument("--long-models", default="gemma3,qwen05", help="models of the long-context rows ('' for none)")
     ap.add_argument("--long-ctx", default="8192,16384", help="context sizes of the long-context rows (1 window each)")
     ap.add_argument("--long-types", default=",".join(LONG_TYPES))
+    ap.add_argument("--long-file", type=Path, default=None,
+                    help="text of the long-context rows, at least 2x their context in tokens (llama-perplexity's "
+                         "rule): WikiText-2's full test split, wiki.test.raw (default: the -f text, too short for "
+                         "16384)")
     ap.add_argument("-t", "--threads", type=int, default=2)
     ap.add_argument("--table-only", action="store_true", help="no new runs: tabulate the runs whose logs are complete")
     args = ap.parse_args()
@@ -197,11 +210,15 @@ def main() -> int:
     split = lambda s: [x for x in s.split(",") if x]  # noqa: E731
     sets = [(key, args.ctx_size, int(per_model.get(key, args.chunks)),
              [("f16", "on")] + [(t, "on") for t in split(args.types) if t != "f16"]
+             + [(t, "on") for t in split(args.kv_split_types)]
              + [(t, "off") for t in split(args.rot_off_types)]) for key in split(args.models)]
     sets += [(key, ctx, 1, [("f16", "on")] + [(t, "on") for t in split(args.long_types)])
              for key in split(args.long_models) for ctx in map(int, split(args.long_ctx))]
-    meta = {"command": " ".join(["python3", "bench/quality.py", *sys.argv[1:]]), "text": str(text),
-            "flash_attn": True, "threads": args.threads, "date": time.strftime("%Y-%m-%d")}
+    # the command that makes these runs (--table-only only tabulates them)
+    meta = {"command": " ".join(["python3", "bench/quality.py", *(a for a in sys.argv[1:] if a != "--table-only")]),
+            "text": str(text.relative_to(ROOT) if text.is_relative_to(ROOT) else text),
+            "long_text": str(args.long_file or text), "flash_attn": True, "threads": args.threads,
+            "date": time.strftime("%Y-%m-%d")}
     rows: list = []
 
     def write() -> None:
@@ -210,7 +227,8 @@ def main() -> int:
         head = [f"`{meta['command']}` ({meta['date']}; llama-perplexity -fa on -t {args.threads}, K and V both the "
                 "type, KLD against the f16 cache on the same tokens; bits/value from the KV cache size llama.cpp "
                 "reports)", ""]
-        args.out.with_suffix(".md").write_text("\n".join(head + table(rows, sorted((s[:3] for s in sets), key=lambda s: (list(MODELS).index(s[0]), s[1])))))
+        order = sorted((s[:3] for s in sets), key=lambda s: (list(MODELS).index(s[0]), s[1]))
+        args.out.with_suffix(".md").write_text("\n".join(head + table(rows, order)))
 
     for key, ctx, chunks, plan in sets:
         measure(args, text, key, ctx, chunks, plan, rows, write)
