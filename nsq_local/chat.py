@@ -101,8 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("-fa", "--flash-attn", choices=list(FLASH_ATTN), default="auto",
                     help="flash attention (default: auto = on when the V cache is quantized, which requires it)")
     ap.add_argument("--nsq-calib", metavar="FILE|none",
-                    help="K-mean calibration of an nsq4 K cache (from nsq-calibrate); default: made once per model from "
-                         "Python's documentation and kept in ~/.cache/nsq-local; none: no centering")
+                    help="K-mean calibration of an nsq4 K cache (from nsq-calibrate); default: made once per model "
+                         "from Python's documentation and kept in ~/.cache/nsq-local; none: no centering")
     ap.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: llama.cpp's choice)")
     ap.add_argument("-n", "--n-predict", type=int, default=512, help="most tokens per answer (default: 512)")
     ap.add_argument("--temp", type=float, default=0.7, help="sampling temperature, 0 = greedy (default: 0.7)")
