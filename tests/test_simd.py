@@ -125,36 +125,35 @@ def test_tables_within_simd_bounds():
     assert len(ref.KVALUES) == 16 and len(ref.KSCALES) == 16
 
 
+def check_rows(cmd: list[str], tmp_path: Path, kind: str, blocks_per_row: int) -> None:
+    """check_kernels on one kind of input, cut into rows of blocks_per_row blocks."""
+    x = kernel_inputs()[kind]
+    rows = x.shape[0] // blocks_per_row
+    check_kernels(cmd, tmp_path, x[: rows * blocks_per_row], blocks_per_row * ref.QK)
+
+
 @pytest.mark.parametrize("blocks_per_row", range(1, 10))
 @pytest.mark.parametrize("kind", ["random", "adversarial", "thresholds", "grid ties"])
 def test_native_kernels(native_check, tmp_path, kind, blocks_per_row):
-    x = kernel_inputs()[kind]
-    rows = x.shape[0] // blocks_per_row
-    check_kernels(native_check, tmp_path, x[: rows * blocks_per_row], blocks_per_row * ref.QK)
+    check_rows(native_check, tmp_path, kind, blocks_per_row)
 
 
 @pytest.mark.parametrize("blocks_per_row", [1, 2, 7])
 @pytest.mark.parametrize("kind", ["random", "adversarial", "thresholds", "grid ties"])
 def test_generic_kernels(generic_check, tmp_path, kind, blocks_per_row):
-    x = kernel_inputs()[kind]
-    rows = x.shape[0] // blocks_per_row
-    check_kernels(generic_check, tmp_path, x[: rows * blocks_per_row], blocks_per_row * ref.QK)
+    check_rows(generic_check, tmp_path, kind, blocks_per_row)
 
 
 @pytest.mark.parametrize("blocks_per_row", [1, 2, 7])
 @pytest.mark.parametrize("kind", ["random", "adversarial", "thresholds", "grid ties"])
 def test_avx512_kernels(avx512_check, tmp_path, kind, blocks_per_row):
-    x = kernel_inputs()[kind]
-    rows = x.shape[0] // blocks_per_row
-    check_kernels(avx512_check, tmp_path, x[: rows * blocks_per_row], blocks_per_row * ref.QK)
+    check_rows(avx512_check, tmp_path, kind, blocks_per_row)
 
 
 @pytest.mark.parametrize("blocks_per_row", [1, 2, 7])
 @pytest.mark.parametrize("kind", ["random", "adversarial", "thresholds", "grid ties"])
 def test_aarch64_kernels(aarch64_check, tmp_path, kind, blocks_per_row):
-    x = kernel_inputs()[kind]
-    rows = x.shape[0] // blocks_per_row
-    check_kernels(aarch64_check, tmp_path, x[: rows * blocks_per_row], blocks_per_row * ref.QK)
+    check_rows(aarch64_check, tmp_path, kind, blocks_per_row)
 
 
 @pytest.mark.parametrize("aarch64_check", ["dotprod"], indirect=True)  # built there only, to keep CI time down
