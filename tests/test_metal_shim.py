@@ -1,11 +1,12 @@
 """NSQ4's Metal block functions (the ggml-metal-nsq4 patch) agree bit for bit with the numpy reference, on the host.
 
-No Mac is needed: the functions between the `NSQ4 BLOCK FUNCTIONS` markers of the patched kernels/quantize.h and
-kernels/dequantize.h are cut out verbatim and compiled with g++ against tests/metal_shim (half = _Float16,
-address-space qualifiers empty, precise:: = IEEE ops) and the patched ggml-common.h (block_nsq4 and its tables, as
-Metal sees them). This checks the arithmetic of quantize_nsq4, dequantize_nsq4 and dequantize_nsq4_t4, not the
+No Mac is needed: the patched kernels/nsq4.h, NSQ4's own Metal header, is compiled verbatim (less its `#pragma once`
+and quoted includes, which the shim stands in for) with g++ against tests/metal_shim (half = _Float16, address-space
+qualifiers empty, precise:: = IEEE ops) and the patched ggml-common.h (block_nsq4 and its tables, as NSQ4's Metal
+libraries see them). This checks the arithmetic of quantize_nsq4, dequantize_nsq4 and dequantize_nsq4_t4, not the
 kernels around them, which only a Metal device can compile and run; for those, the last test checks statically that
-the instantiations mirror q4_0's.
+the flash-attention instantiations mirror q4_0's, and tests/test_metal_sources.py that the other kernels follow
+upstream's templates.
 """
 from __future__ import annotations
 
@@ -25,33 +26,43 @@ from nsq_local import reference as ref
 SHIM = ROOT / "tests" / "metal_shim"
 OUT = ROOT / "build" / "metal-shim"
 KERNELS = "vendor/llama.cpp/ggml/src/ggml-metal/kernels"
-MARK = re.compile(r"^// NSQ4 BLOCK FUNCTIONS BEGIN.*?^// NSQ4 BLOCK FUNCTIONS END\n", re.M | re.S)
+LOCAL_INCLUDES = re.compile(r'^(#pragma once|#include ".*")\n', re.M)
 
 
 def extract_blocks(upstream: Path) -> str:
-    parts = []
-    for name in ("dequantize.h", "quantize.h"):
-        regions = MARK.findall((upstream / KERNELS / name).read_text())
-        assert len(regions) == 1, f"{KERNELS}/{name}: expected one NSQ4 BLOCK FUNCTIONS region, found {len(regions)}"
-        parts.append(regions[0])
-    return "".join(parts)
+    text = (upstream / KERNELS / "nsq4.h").read_text()
+    assert "quantize_nsq4" in text and "dequantize_nsq4_t4" in text, f"{KERNELS}/nsq4.h lacks NSQ4's block functions"
+    return LOCAL_INCLUDES.sub("", text)
+
+
+def compile_shim(upstream: Path, name: str, sources: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    cxx = os.environ.get("CXX", "g++")
+    if not shutil.which(cxx):
+        pytest.fail(f"{cxx} is missing: the Metal shim test compiles NSQ4's Metal code as C++")
+    work = OUT / name
+    work.mkdir(parents=True, exist_ok=True)
+    for header, text in sources.items():
+        (work / header).write_text(text)
+    src = upstream / "vendor/llama.cpp/ggml/src"
+    cmd = [cxx, "-std=c++17", "-Wall", "-Wno-unknown-pragmas", "-Wno-unused-function",
+           "-I", str(work), "-I", str(SHIM), "-I", str(src), "-I", str(src / "ggml-metal"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
 
 
 def build(upstream: Path, blocks: str, name: str) -> Path:
-    cxx = os.environ.get("CXX", "g++")
-    if not shutil.which(cxx):
-        pytest.fail(f"{cxx} is missing: the Metal shim test compiles the kernels' block functions as C++")
-    work = OUT / name
-    work.mkdir(parents=True, exist_ok=True)
-    (work / "nsq4_metal_blocks.h").write_text(blocks)
-    exe = work / "nsq4_shim"
+    exe = OUT / name / "nsq4_shim"
     # no FMA contraction and no fast math: the host must do exactly the operations the kernel source spells out
-    cmd = [cxx, "-std=c++17", "-O2", "-ffp-contract=off", "-Wall", "-Wno-unknown-pragmas", "-Wno-unused-function",
-           "-I", str(work), "-I", str(SHIM), "-I", str(upstream / "vendor/llama.cpp/ggml/src"),
-           str(SHIM / "nsq4_shim.cpp"), "-o", str(exe)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stderr}"
+    proc = compile_shim(upstream, name, {"nsq4_metal_blocks.h": blocks},
+                        "-O2", "-ffp-contract=off", str(SHIM / "nsq4_shim.cpp"), "-o", str(exe))
+    assert proc.returncode == 0, proc.stderr
     return exe
+
+
+def type_check_kernels(upstream: Path, kernels: str, name: str) -> subprocess.CompletedProcess:
+    # Metal's attributes ([[host_name]], [[thread_position_in_grid]], ...) mean nothing to g++
+    return compile_shim(upstream, name, {"nsq4_metal_blocks.h": extract_blocks(upstream),
+                                         "nsq4_metal_kernels.h": LOCAL_INCLUDES.sub("", kernels)},
+                        "-fsyntax-only", "-Wno-attributes", str(SHIM / "nsq4_kernels.cpp"))
 
 
 def run(exe: Path, op: bytes, n: int, payload: bytes) -> bytes:
@@ -165,7 +176,8 @@ def host_names(text: str, prefix: str) -> dict[str, str]:
 def test_metal_instantiations_mirror_q4_0(upstream_tree):
     """Every flash-attention kernel q4_0 has at head sizes 64/128/256 exists for nsq4, with nsq4's block, its
     16-value (nl = 4) and 4-value (nl = 16) dequantizers, and the same remaining template arguments; and the
-    set_rows/cpy/get_rows/F16-pre-conversion kernels, CMake sources and library entries are all there."""
+    set_rows/cpy/get_rows/F16-pre-conversion kernels, CMake sources and library entries are all there, in NSQ4's
+    own libraries."""
     metal = upstream_tree / "vendor/llama.cpp/ggml/src/ggml-metal"
     heads = re.compile(r"_dk(64|128|256)_dv\1(_|$)")
     for q4_file, nsq4_file, deq, nl in (("fa_q4_0.metal", "fa_nsq4.metal", "dequantize_nsq4", 4),
@@ -177,19 +189,29 @@ def test_metal_instantiations_mirror_q4_0(upstream_tree):
                 for name, args in q4.items() if heads.search(name)}
         assert ours == want, nsq4_file
 
-    quantize = host_names((metal / "kernels" / "quantize.metal").read_text(), "kernel_")
-    assert quantize["kernel_cpy_f32_nsq4"] == "QK_NSQ4, block_nsq4, quantize_nsq4"
-    assert quantize["kernel_cpy_nsq4_f32"] == "float4x4, block_nsq4, 4, dequantize_nsq4"
-    assert quantize["kernel_cpy_nsq4_f16"] == "half4x4, block_nsq4, 4, dequantize_nsq4"
-    assert quantize["kernel_get_rows_nsq4"] == "block_nsq4, 4, dequantize_nsq4"
-    for idx in ("i32", "i64"):
-        assert quantize[f"kernel_set_rows_f32_{idx}_nsq4"] == \
-            f"float, int{idx[1:]}_t, QK_NSQ4, block_nsq4, quantize_nsq4"
-    aux = host_names((metal / "kernels" / "fa_aux.metal").read_text(), "kernel_flash_attn_ext_kv_")
-    assert aux["kernel_flash_attn_ext_kv_nsq4_f16"] == "block_nsq4, QK_NSQ4, dequantize_nsq4"
+    nsq4 = (metal / "kernels" / "nsq4.metal").read_text()
+    assert host_names(nsq4, "kernel_") == {
+        "kernel_set_rows_f32_i64_nsq4": "int64_t", "kernel_set_rows_f32_i32_nsq4": "int32_t",
+        "kernel_cpy_nsq4_f32": "float4x4", "kernel_cpy_nsq4_f16": "half4x4"}
+    templates = set(re.findall(r"^template\s*<.*>\nkernel void (\w+)\(", nsq4, re.M))
+    plain = set(re.findall(r"^kernel void (\w+)\(", nsq4, re.M)) - templates
+    assert plain == {"kernel_cpy_f32_nsq4", "kernel_get_rows_nsq4", "kernel_flash_attn_ext_kv_nsq4_f16"}
 
     cmake = (metal / "CMakeLists.txt").read_text()
+    nsq4_sources = re.search(r"set\(METALLIB_NSQ4_SOURCES\n(.*?)\)", cmake, re.S).group(1).split()
     device = (metal / "ggml-metal-device.m").read_text()
-    for lib in ("fa_nsq4", "fa_vec_nsq4"):
-        assert f"kernels/{lib}.metal" in cmake
+    for lib in ("nsq4", "fa_nsq4", "fa_vec_nsq4"):
+        assert f"kernels/{lib}.metal" in nsq4_sources
         assert re.search(r"X\(\w+,\s+" + lib + r"\)", device)
+
+
+def test_nsq4_kernels_type_check_on_the_host(upstream_tree):
+    """kernels/nsq4.metal compiles as C++ against the shim: every name, argument-struct field and type its kernels
+    use exists, and every template instantiation goes through. A misspelt field is caught (negative control)."""
+    kernels = (upstream_tree / KERNELS / "nsq4.metal").read_text()
+    proc = type_check_kernels(upstream_tree, kernels, "kernels")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == "", proc.stderr
+    assert kernels.count("args.nk0") == 3
+    broken = type_check_kernels(upstream_tree, kernels.replace("args.nk0", "args.nk1", 1), "kernels-broken")
+    assert broken.returncode != 0 and "nk1" in broken.stderr

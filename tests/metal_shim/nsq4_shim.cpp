@@ -1,4 +1,4 @@
-// Runs NSQ4's Metal block functions, extracted from the patched kernels into nsq4_metal_blocks.h,
+// Runs NSQ4's Metal block functions, the patched kernels/nsq4.h without its includes (nsq4_metal_blocks.h),
 // on the host. Protocol (binary, stdin -> stdout):
 //   q <n> then n*64 float32  -> n*34 bytes: quantize_nsq4, block by block
 //   d <n> then n*34 bytes    -> per block: 64 float32 from dequantize_nsq4<float4x4> (il = 0..3),
@@ -15,6 +15,7 @@
 
 #define GGML_COMMON_DECL_METAL
 #define GGML_COMMON_IMPL_METAL
+#define GGML_METAL_NSQ4 // as NSQ4's Metal libraries are compiled: ggml-common.h declares NSQ4 to Metal only then
 #include "ggml-common.h"
 
 #include "nsq4_metal_blocks.h"

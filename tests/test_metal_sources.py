@@ -1,0 +1,288 @@
+"""The ggml-metal-nsq4 patch leaves upstream's Metal libraries as they were: NSQ4's Metal code is compiled only into
+NSQ4's own libraries (nsq4, fa_nsq4, fa_vec_nsq4), so that a compile error in it costs a Mac NSQ4 (its ops run on
+the CPU), never the Metal backend.
+
+Nothing here compiles Metal. For every upstream library, the source the Metal compiler is given is rebuilt in Python
+from the pristine sdist and from the patched tree, as CMake's embed step writes it (GGML_METAL_EMBED_LIBRARY, which
+llama-cpp-python turns on for Apple) and as ggml_metal_library_flatten_source reads it at run time otherwise, and the
+two are compared byte for byte. ggml-common.h, which every library inlines and which declares NSQ4 for the CPU and
+CUDA, is taken as Metal sees it: its conditionals evaluated by the host preprocessor for Metal without
+GGML_METAL_NSQ4, the macro only NSQ4's libraries are compiled with.
+"""
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from helpers import ROOT
+
+SRC = "vendor/llama.cpp/ggml/src"
+NSQ4_KINDS = ("nsq4", "fa_nsq4", "fa_vec_nsq4")
+NSQ4_FILES = {"ggml-metal/kernels/nsq4.h"} | {f"ggml-metal/kernels/{kind}.metal" for kind in NSQ4_KINDS}
+# the upstream files the patch may change: NSQ4's registration (CMake sources, library list), its supports_op
+# entries and the fallback that makes its libraries optional, the F16 pre-conversion choice
+SHARED_FILES = {"ggml-metal/CMakeLists.txt", "ggml-metal/ggml-metal-device.m", "ggml-metal/ggml-metal-device.h",
+                "ggml-metal/ggml-metal-ops.cpp"}
+# the headers CMake's embed step prepends, in its order, to a source that includes them (common.h always)
+EMBED_HEADERS = ("dequantize.h", "quantize.h", "nsq4.h", "fa_common.metal", "fa_vec_common.metal")
+
+Files = dict[str, str]  # path under ggml/src -> text
+
+
+def load_prepare():
+    spec = importlib.util.spec_from_file_location("nsq_prepare", ROOT / "ggml_patch" / "prepare.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def metal_files(read: dict[str, bytes]) -> Files:
+    return {rel: data.decode() for rel, data in read.items()
+            if rel.startswith("ggml-metal/") or rel == "ggml-common.h"}
+
+
+@pytest.fixture(scope="module")
+def pristine() -> Files:
+    """ggml/src's Metal files and ggml-common.h, straight from the pinned sdist (verified as prepare.py does)."""
+    prep = load_prepare()
+    pin = prep.read_pin()
+    cache = Path(os.environ.get("NSQ_CACHE_DIR", Path.home() / ".cache" / "nsq-local"))
+    sdist = prep.locate_sdist(pin, os.environ.get("NSQ_UPSTREAM_SDIST"), cache)
+    assert prep.sha256(sdist) == pin["sha256"], f"{sdist} is not the pinned sdist"
+    found = {}
+    with tarfile.open(sdist) as tar:
+        for member in tar.getmembers():
+            root, _, rel = member.name.partition(f"/{SRC}/")
+            if member.isfile() and rel and "/" not in root:
+                found[rel] = tar.extractfile(member).read()
+    return metal_files(found)
+
+
+@pytest.fixture(scope="module")
+def patched(upstream_tree) -> Files:
+    base = upstream_tree / SRC
+    return metal_files({str(p.relative_to(base)): p.read_bytes()
+                        for p in base.rglob("*") if p.is_file() and p.relative_to(base).parts[0] == "ggml-metal"}
+                       | {"ggml-common.h": (base / "ggml-common.h").read_bytes()})
+
+
+@pytest.fixture(scope="module")
+def cxx() -> str:
+    cxx = os.environ.get("CXX", "g++")
+    if not shutil.which(cxx):
+        pytest.fail(f"{cxx} is missing: these tests evaluate ggml-common.h's conditionals with the host preprocessor")
+    return cxx
+
+
+def metal_view(cxx: str, common: str, tmp: Path, *defines: str) -> str:
+    """ggml-common.h as the Metal compiler reads it in the kernel libraries: conditionals evaluated for Metal, macros
+    left unexpanded, comments and line breaks kept (-fdirectives-only). <metal_stdlib> is an empty stand-in."""
+    (tmp / "metal_stdlib").write_text("")
+    cmd = [cxx, "-E", "-P", "-fdirectives-only", "-undef", "-x", "c++", "-I", str(tmp),
+           "-DGGML_COMMON_DECL_METAL", "-DGGML_COMMON_IMPL_METAL", *(f"-D{d}" for d in defines), "-"]
+    proc = subprocess.run(cmd, input=common, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def sed_deletions(cmake: str) -> list[re.Pattern]:
+    """The `sed -e "/PATTERN/d"` expressions of the embed step's step 2, from CMakeLists.txt itself."""
+    (line,) = [ln for ln in cmake.splitlines() if "COMMAND sed" in ln and '.tmp1" > ' in ln]
+    return [re.compile(p.replace("\\#", "#").replace('\\"', '"')) for p in re.findall(r'-e "/(.*?)/d"', line)]
+
+
+def embedded(files: Files, kind: str, common: str) -> str:
+    """What CMake's embed step (ggml-metal/CMakeLists.txt) writes for kernels/<kind>.metal: the headers the source
+    includes and the source, concatenated; local includes and `#pragma once` deleted; the ggml-common.h sentinel
+    and the ggml-metal-impl.h include replaced by those files."""
+    src = files[f"ggml-metal/kernels/{kind}.metal"]
+    parts = [files["ggml-metal/kernels/common.h"]]
+    parts += [files[f"ggml-metal/kernels/{h}"] for h in EMBED_HEADERS if f'#include "{h}"' in src]
+    drop = sed_deletions(files["ggml-metal/CMakeLists.txt"])
+    out = []
+    for line in "".join(parts + [src]).splitlines(keepends=True):
+        if any(p.search(line) for p in drop):
+            continue
+        if "__embed_ggml-common.h__" in line:
+            out.append(common)
+        elif '#include "ggml-metal-impl.h"' in line:
+            out.append(files["ggml-metal/ggml-metal-impl.h"])
+        else:
+            out.append(line)
+    return "".join(out)
+
+
+QUOTED_INCLUDE = re.compile(r'^\s*#\s*include\s*"([^"]*)"')
+
+
+def flattened(files: Files, kind: str, common: str) -> str:
+    """What ggml_metal_library_flatten_source (ggml-metal-device.m) compiles for kernels/<kind>.metal when there is
+    neither an embedded library nor a default.metallib: every quoted include inlined once, from kernels/,
+    ggml-metal/ or ggml/src, `#pragma once` dropped."""
+    search = ("ggml-metal/kernels/", "ggml-metal/", "")
+    seen: set[str] = set()
+    out: list[str] = []
+
+    def flatten(path: str) -> None:
+        if path in seen:
+            return
+        seen.add(path)
+        text = common if path == "ggml-common.h" else files[path]
+        for line in text.split("\n"):
+            if line.strip() == "#pragma once":
+                continue
+            m = QUOTED_INCLUDE.match(line)
+            if m:
+                flatten(next(d + m.group(1) for d in search if d + m.group(1) in files))
+                continue
+            out.append(line + "\n")
+
+    flatten(f"ggml-metal/kernels/{kind}.metal")
+    return "".join(out)
+
+
+def kernel_sources(cmake: str, name: str) -> list[str]:
+    block = re.search(r"^set\(" + name + r"\n(.*?)^\)", cmake, re.M | re.S)
+    assert block, f"CMakeLists.txt has no {name} list"
+    return [Path(src).stem for src in block.group(1).split()]
+
+
+def upstream_kinds(pristine: Files) -> list[str]:
+    return kernel_sources(pristine["ggml-metal/CMakeLists.txt"], "METALLIB_KERNEL_SOURCES")
+
+
+def differing_kinds(pristine: Files, patched: Files, build, cxx: str, tmp: Path) -> list[str]:
+    old_common = metal_view(cxx, pristine["ggml-common.h"], tmp)
+    new_common = metal_view(cxx, patched["ggml-common.h"], tmp)
+    return [kind for kind in upstream_kinds(pristine)
+            if build(pristine, kind, old_common) != build(patched, kind, new_common)]
+
+
+@pytest.mark.parametrize("build", [embedded, flattened], ids=["embedded", "source"])
+def test_upstream_libraries_are_compiled_from_upstreams_source(pristine, patched, build, cxx, tmp_path):
+    kinds = upstream_kinds(pristine)
+    assert len(kinds) > 30 and not set(kinds) & set(NSQ4_KINDS)
+    assert differing_kinds(pristine, patched, build, cxx, tmp_path) == []
+
+
+@pytest.mark.parametrize("build", [embedded, flattened], ids=["embedded", "source"])
+def test_nsq4_code_in_a_shared_header_would_be_caught(pristine, patched, build, cxx, tmp_path):
+    """Negative control: one of NSQ4's block functions put back into quantize.h changes the quantize library."""
+    nsq4_code = re.search(r"^static inline int nsq4_code\(.*?^}\n", patched["ggml-metal/kernels/nsq4.h"],
+                          re.M | re.S).group(0)
+    broken = dict(patched)
+    broken["ggml-metal/kernels/quantize.h"] += "\n" + nsq4_code
+    assert "quantize" in differing_kinds(pristine, broken, build, cxx, tmp_path)
+
+
+@pytest.mark.parametrize("build", [embedded, flattened], ids=["embedded", "source"])
+@pytest.mark.parametrize("kind", NSQ4_KINDS)
+def test_nsq4_libraries_get_nsq4_h_after_ggml_common_h(patched, kind, build, cxx, tmp_path):
+    """Both paths resolve NSQ4's header in NSQ4's libraries (CMake's embed step knows it by name), after
+    ggml-common.h's NSQ4 declarations."""
+    text = build(patched, kind, metal_view(cxx, patched["ggml-common.h"], tmp_path, "GGML_METAL_NSQ4"))
+    assert text.count("void quantize_nsq4(") == 1
+    assert text.index("} block_nsq4;") < text.index("void quantize_nsq4(")
+    # the embedded source keeps dequantize.h's include of ggml-common.h, in the branch it does not compile
+    assert [ln for ln in text.splitlines() if QUOTED_INCLUDE.match(ln) and "ggml-common.h" not in ln] == []
+
+
+def test_ggml_common_h_declares_nsq4_to_nsq4s_libraries_only(pristine, patched, cxx, tmp_path):
+    """Metal without GGML_METAL_NSQ4 reads upstream's ggml-common.h byte for byte, nothing of NSQ4; with it, NSQ4's
+    block and tables. A guard that let NSQ4 through is caught (negative control)."""
+    ours = patched["ggml-common.h"]
+    upstream = metal_view(cxx, pristine["ggml-common.h"], tmp_path)
+    assert metal_view(cxx, ours, tmp_path) == upstream
+    assert "nsq4" not in metal_view(cxx, ours, tmp_path).lower()
+    for name in ("block_nsq4", "kvalues_nsq4", "kscales_nsq4", "QK_NSQ4", "NSQ4_GRID"):
+        assert name in metal_view(cxx, ours, tmp_path, "GGML_METAL_NSQ4")
+    assert ours.count("|| defined(GGML_METAL_NSQ4)") == 2
+    leaky = ours.replace("|| defined(GGML_METAL_NSQ4)", "|| 1")
+    assert metal_view(cxx, leaky, tmp_path) != upstream
+
+
+def test_only_nsq4s_libraries_are_compiled_with_ggml_metal_nsq4(patched):
+    """The macro reaches NSQ4's three libraries and no other: at run time (ggml_metal_library_compile_all, embedded
+    and source paths) and in default.metallib's build-time compile (GGML_METAL_EMBED_LIBRARY=OFF)."""
+    device = patched["ggml-metal/ggml-metal-device.m"]
+    (body,) = re.findall(r"static bool ggml_metal_lib_is_nsq4\(int kind\) \{(.*?)\n\}", device, re.S)
+    assert set(re.findall(r"GGML_METAL_LIB_(\w+)", body)) == {"NSQ4", "FA_NSQ4", "FA_VEC_NSQ4"}
+    code = [ln for ln in re.findall(r".*GGML_METAL_NSQ4.*", device) if not ln.lstrip().startswith("//")]
+    assert code == ['    [prep_nsq4 setObject:@"1" forKey:@"GGML_METAL_NSQ4"];']
+    assert "options.preprocessorMacros = ggml_metal_lib_is_nsq4(kind) ? prep_nsq4 : prep;" in device
+    for kind in NSQ4_KINDS:
+        assert re.search(r"X\(\w+,\s+" + kind + r"\)", device)
+
+    cmake = patched["ggml-metal/CMakeLists.txt"]
+    assert kernel_sources(cmake, "METALLIB_NSQ4_SOURCES") == list(NSQ4_KINDS)
+    assert re.findall(r".*-DGGML_METAL_NSQ4.*", cmake) == ["            set(XC_NSQ4_DEFS -DGGML_METAL_NSQ4)"]
+    assert "if (src IN_LIST METALLIB_NSQ4_SOURCES)\n            set(XC_NSQ4_DEFS -DGGML_METAL_NSQ4)" in cmake
+    for kind in NSQ4_KINDS:
+        assert '#include "nsq4.h"' in patched[f"ggml-metal/kernels/{kind}.metal"]
+
+
+def hunks(old: str, new: str) -> list[list[str]]:
+    a, b = old.splitlines(), new.splitlines()
+    return [a[i1:i2] + b[j1:j2] for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(None, a, b, autojunk=False)
+            .get_opcodes() if tag != "equal"]
+
+
+def test_metal_diff_touches_only_nsq4(pristine, patched):
+    """Against the pristine sdist, the patched ggml-metal tree adds NSQ4's own files, leaves every upstream kernel
+    source and header as it was, and changes the shared files only in hunks about NSQ4 (its registration,
+    supports_op entries and the fallback that makes its libraries optional)."""
+    metal = {rel for rel in patched if rel.startswith("ggml-metal/")}
+    upstream = {rel for rel in pristine if rel.startswith("ggml-metal/")}
+    assert upstream <= metal
+    assert metal - upstream == NSQ4_FILES
+    changed = {rel for rel in upstream if patched[rel] != pristine[rel]}
+    assert changed <= SHARED_FILES, f"upstream Metal files changed outside the allowlist: {changed - SHARED_FILES}"
+    assert not any(rel.startswith("ggml-metal/kernels/") for rel in changed)
+    for rel in sorted(changed):
+        for hunk in hunks(pristine[rel], patched[rel]):
+            assert "nsq4" in "\n".join(hunk).lower(), f"{rel}: a change that is not about NSQ4:\n" + "\n".join(hunk)
+
+
+def kernel_text(source: str, name: str) -> str:
+    """A kernel's parameters and body, whitespace collapsed."""
+    m = re.search(r"^kernel void " + name + r"\(", source, re.M)
+    assert m, f"no kernel {name}"
+    depth, end = 0, source.index("{", m.end())
+    for end in range(end, len(source)):
+        depth += {"{": 1, "}": -1}.get(source[end], 0)
+        if depth == 0:
+            break
+    return re.sub(r"\s+", " ", source[m.end() - 1:end + 1])
+
+
+# NSQ4's kernel in nsq4.metal, the upstream template it stands in for, its file, and the template arguments
+TEMPLATES = [
+    ("kernel_set_rows_f32_nsq4", "kernel_set_rows_q", "quantize.metal",
+     {"TS": "float", "QK": "QK_NSQ4", "block_q": "block_nsq4", "quantize_func": "quantize_nsq4"}),
+    ("kernel_cpy_f32_nsq4", "kernel_cpy_f32_q", "quantize.metal",
+     {"QK": "QK_NSQ4", "block_q": "block_nsq4", "quantize_func": "quantize_nsq4"}),
+    ("kernel_cpy_nsq4_f", "kernel_cpy_q_f32", "quantize.metal",
+     {"block_q": "block_nsq4", "nl": "4", "dequantize_func": "dequantize_nsq4"}),
+    ("kernel_get_rows_nsq4", "kernel_get_rows_q", "quantize.metal",
+     {"block_q": "block_nsq4", "nl": "4", "dequantize_func": "dequantize_nsq4"}),
+    ("kernel_flash_attn_ext_kv_nsq4_f16", "kernel_flash_attn_ext_kv_f16", "fa_aux.metal",
+     {"block_t": "block_nsq4", "QK": "QK_NSQ4", "deq_t4x4": "dequantize_nsq4"}),
+]
+
+
+@pytest.mark.parametrize("ours,template,file,args", TEMPLATES, ids=[t[0] for t in TEMPLATES])
+def test_nsq4_kernels_follow_upstreams_templates(pristine, patched, ours, template, file, args):
+    """NSQ4's set_rows/cpy/get_rows/F16 pre-conversion kernels are upstream's templates with NSQ4's arguments
+    substituted, token for token: ggml-metal-ops.cpp dispatches them with the same arguments and grid."""
+    want = kernel_text(pristine[f"ggml-metal/kernels/{file}"], template)
+    for param, arg in args.items():
+        want = re.sub(r"\b" + param + r"\b", arg, want)
+    assert kernel_text(patched["ggml-metal/kernels/nsq4.metal"], ours) == want
