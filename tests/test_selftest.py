@@ -132,20 +132,26 @@ def test_a_flipped_bit_makes_a_value_differ():
 
 
 def test_wrong_attention_fails_its_bound():
+    """Under the CPU's float32 bound and under the looser one of reduced-precision devices alike: a head read from
+    the wrong KV head, the mask ignored, a NaN, and one value off by a few bounds all fail."""
     case = selftest.FATTN_CASES[0]
+    assert case.type_v == "nsq4" and not case.centered
     data = selftest.fattn_data(case, seed=1)
     good = data["want"].astype(np.float32)
-    bound = selftest.fattn_bound(case, "CPU")
-    assert selftest.judge_attention("CPU", case.name, good.reshape(-1), data, bound).status == "pass"
-    # a head read from the wrong KV head, and one value off by a few bounds
+    shape = (case.n_head_kv, case.n_kv, case.dk)
+    unmasked = selftest.attention_f64(data["q"].astype(np.float64), ref.dequantize(data["k"]).reshape(shape),
+                                      ref.dequantize(data["v"]).reshape(shape), np.zeros(data["mask"].shape),
+                                      data["scale"]).astype(np.float32)
     swapped = good.copy()
     swapped[:, [0, case.n_head - 1]] = swapped[:, [case.n_head - 1, 0]]
-    nudged = good.copy()
-    nudged[0, 3, 7] += 3 * bound * data["v_max"]
     nan = good.copy()
     nan[0, 0, 0] = np.nan
-    for bad in (swapped, nudged, nan):
-        assert selftest.judge_attention("CPU", case.name, bad.reshape(-1), data, bound).status == "fail"
+    for bound in (selftest.FATTN_BOUND_F32, selftest.FATTN_BOUND_F16):
+        assert selftest.judge_attention("X", case.name, good.reshape(-1), data, bound).status == "pass"
+        nudged = good.copy()
+        nudged[0, 3, 7] += 3 * bound * data["v_max"]
+        for bad in (swapped, unmasked, nan, nudged):
+            assert selftest.judge_attention("X", case.name, bad.reshape(-1), data, bound).status == "fail"
 
 
 def test_a_corrupted_reference_fails_the_run(tmp_path, monkeypatch):
