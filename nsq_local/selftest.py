@@ -391,8 +391,9 @@ class FattnCase:
 
     @property
     def name(self) -> str:
+        # every case has the same heads (GQA, 4 query heads per KV head): the figures name them
         return (f"flash_attn d{self.dk} {'decode' if self.n_q == 1 else f'prefill {self.n_q}'} "
-                f"gqa{self.n_head // self.n_head_kv} K nsq4{' centered' if self.centered else ''} V {self.type_v}")
+                f"K nsq4{' centered' if self.centered else ''} V {self.type_v}")
 
 
 FATTN_CASES = [FattnCase(dk, n_q, tv, centered) for dk in (64, 128, 256) for n_q in (1, 48)
@@ -455,8 +456,10 @@ def _fattn_check(backend: Backend, case: FattnCase, seed: int) -> Check:
     got = backend.run(build)
     if got is None:
         return Check(backend.dev.name, case.name, UNSUPPORTED, UNSUPPORTED_NOTE)
-    return judge_attention(backend.dev.name, case.name, got.view(np.float32), data,
-                           fattn_bound(case, backend.dev.kind))
+    check = judge_attention(backend.dev.name, case.name, got.view(np.float32), data,
+                            fattn_bound(case, backend.dev.kind))
+    check.figures.update(heads=case.n_head, kv_heads=case.n_head_kv, cells=case.n_kv)
+    return check
 
 
 def nmse(got: npt.NDArray, want: npt.NDArray) -> float:
@@ -585,8 +588,8 @@ def speed_check(dev: Device, run: ModelRun, depth: int, n_decode: int, threads: 
     figures = {"depth": depth, "tokens": n_decode, **{f"tps_{t}": tps[t] for t in types},
                "nsq4_over_f16": tps["nsq4"] / tps["f16"], "nsq4_over_q4_0": tps["nsq4"] / tps["q4_0"]}
     return Check(dev.name, f"decode speed at depth {depth}", PASS,
-                 f"t/s f16 {tps['f16']:.1f}, q4_0 {tps['q4_0']:.1f}, nsq4 {tps['nsq4']:.1f}; nsq4/f16 "
-                 f"{figures['nsq4_over_f16']:.2f}, nsq4/q4_0 {figures['nsq4_over_q4_0']:.2f}", figures)
+                 f"nsq4 {tps['nsq4']:.1f} t/s (f16 {tps['f16']:.1f}, q4_0 {tps['q4_0']:.1f}): "
+                 f"{figures['nsq4_over_f16']:.2f}x f16, {figures['nsq4_over_q4_0']:.2f}x q4_0", figures)
 
 
 # --- the report -------------------------------------------------------------------------------------------------------
@@ -646,10 +649,11 @@ class Report:
         lines.append(f"model {model}, {st['threads']} threads, KLD window -c {st['ctx_size']}, decode speed at depth "
                      f"{st['depth']} over {st['decode_tokens']} tokens")
         width = max([len(c["name"]) for c in self.data["checks"]] + [5])
+        result = max([len(c["status"]) for c in self.data["checks"]] + [6])
         lines.append("")
-        lines.append(f"{'device':<8} {'check':<{width}} {'result':<11} figures")
+        lines.append(f"{'device':<8} {'check':<{width}} {'result':<{result}} figures")
         for c in self.data["checks"]:
-            lines.append(f"{c['device']:<8} {c['name']:<{width}} {c['status']:<11} {c['detail']}")
+            lines.append(f"{c['device']:<8} {c['name']:<{width}} {c['status']:<{result}} {c['detail']}")
         s = self.data["summary"]
         lines.append("")
         lines.append(f"{s[PASS]} passed, {s[FAIL]} failed, {s[UNSUPPORTED]} not supported on their device (run on the "
