@@ -118,7 +118,7 @@ class Model:
         self._stack = ExitStack()
         self._stack.enter_context(log_verbosity(verbose))
         llama_cpp.llama_backend_init()
-        params, _devices = model_params(device)
+        params, _devices = model_params(device)  # _devices: the list params points to, alive through the load
         with self.log:
             self.ptr = llama_cpp.llama_model_load_from_file(str(self.path).encode(), params)
         if not self.ptr:

@@ -542,7 +542,7 @@ def kld_check(dev: Device, run: ModelRun, n_ctx: int, threads: int, verbose: boo
                "tokens_scored": res["tokens_scored"], "ppl_f16": res["baseline"]["ppl"],
                "kld_nsq4": nsq4["kld_mean"], "kld_nsq4_se": nsq4["kld_se"], "top1_nsq4": nsq4["top1_agree"],
                "kld_q4_0": q4_0["kld_mean"], "kld_q4_0_se": q4_0["kld_se"], "top1_q4_0": q4_0["top1_agree"],
-               "nsq_calib": nsq4["nsq_calib"]}
+               "nsq_calib": Path(nsq4["nsq_calib"]).name if nsq4["nsq_calib"] else None}
     detail = f"KLD nsq4 {nsq4['kld_mean']:.4f}, q4_0 {q4_0['kld_mean']:.4f} (f16 PPL {res['baseline']['ppl']:.3f})"
     problems = []
     if not nsq4["kld_mean"] < KLD_LIMIT:
@@ -645,8 +645,7 @@ class Report:
         for d in self.data["devices"]:
             lines.append(f"device {d['name']}: {d['description']} ({d['type']}, {d['memory_total_mib']} MiB)")
         st = self.data["settings"]
-        model = Path(st["model"]).name if st["model"] else "none"
-        lines.append(f"model {model}, {st['threads']} threads, KLD window -c {st['ctx_size']}, decode speed at depth "
+        lines.append(f"model {st['model'] or 'none'}, {st['threads']} threads, KLD window -c {st['ctx_size']}, decode speed at depth "
                      f"{st['depth']} over {st['decode_tokens']} tokens")
         width = max([len(c["name"]) for c in self.data["checks"]] + [5])
         result = max([len(c["status"]) for c in self.data["checks"]] + [6])
@@ -725,7 +724,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"nsq-selftest: error: {e}", file=sys.stderr)
         return EXIT_USAGE
 
-    settings = {"threads": threads, "model": str(model) if model else None, "ctx_size": args.ctx_size,
+    # file names only: the report is sent to a public tracker, and paths name the user's folders
+    settings = {"threads": threads, "model": model.name if model else None, "ctx_size": args.ctx_size,
                 "depth": args.depth, "decode_tokens": args.decode_tokens, "ops_only": args.ops_only,
                 "fattn_bound": f"max|error| <= {FATTN_BOUND_F32:g} * max|V| on the CPU with V nsq4 (float32), "
                                f"{FATTN_BOUND_F16:g} * max|V| otherwise (fp16 or q8_1 arithmetic)"}
