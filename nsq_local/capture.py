@@ -34,8 +34,8 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 import numpy.typing as npt
 
-from nsq_local._common import (NSQ_CALIB_ENV, ROT_DISABLE_ENV, LogTap, flash_attn_type, ggml_base, is_quantized,
-                               log_verbosity, scoped_env, type_id)
+from nsq_local._common import (DEVICE_TYPES, NSQ_CALIB_ENV, ROT_DISABLE_ENV, LogTap, flash_attn_type, ggml_base,
+                               ggml_graph_api, ggml_registry, is_quantized, log_verbosity, scoped_env, type_id)
 
 _STATE_MAGIC = 0xAF143CD8
 _ROT_LINE = re.compile(r"attn_rot_([kv]) = (\d)")
@@ -72,15 +72,43 @@ EvalCallback = Callable[[int, bool], bool]
 NsqCalib = Union[None, bool, str, Path]
 
 
+def model_params(device: Optional[str] = None):
+    """llama.cpp's model parameters. device: the name of a ggml backend device ("CPU", "CUDA0", "MTL0", ... as
+    nsq-selftest lists them) that holds every layer and the KV cache ("CPU": nothing offloaded), or None for
+    llama.cpp's default (every layer on every GPU). Returns the parameters and the device list they point to, which
+    must live until the model is loaded."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_default_params()
+    if device is None:
+        return params, None
+    reg = ggml_registry()
+    dev = reg.ggml_backend_dev_by_name(device.encode())
+    if not dev:
+        names = [ggml_graph_api().ggml_backend_dev_name(reg.ggml_backend_dev_get(i)).decode()
+                 for i in range(reg.ggml_backend_dev_count())]
+        raise ValueError(f"no ggml device named {device!r}; this build has: {', '.join(names)}")
+    if DEVICE_TYPES.get(ggml_graph_api().ggml_backend_dev_type(dev)) == "CPU":
+        # an empty list: llama.cpp offloads to no device, and the CPU backend runs everything
+        devices = (ctypes.c_void_p * 1)(None)
+        params.n_gpu_layers = 0
+    else:
+        devices = (ctypes.c_void_p * 2)(dev, None)
+        params.n_gpu_layers = -1  # every layer
+    params.devices = ctypes.addressof(devices)
+    return params, devices
+
+
 class Model:
     """A GGUF model loaded by llama.cpp, with its vocabulary. `ptr` is the llama_model pointer.
 
     verbose: llama.cpp's log for the model's life (quiet: errors only; a Model made inside llama_cpp.Llama, as its
     default calibration's, hands the verbosity back). `log` reads llama.cpp's log while the model loads, and its
-    last lines explain a failure.
+    last lines explain a failure. device: model_params' (None: llama.cpp's default placement).
     """
 
-    def __init__(self, path: Union[str, Path], verbose: bool = False, log: Optional[LogTap] = None):
+    def __init__(self, path: Union[str, Path], verbose: bool = False, log: Optional[LogTap] = None,
+                 device: Optional[str] = None):
         import llama_cpp
 
         self.path = Path(path)
@@ -90,9 +118,9 @@ class Model:
         self._stack = ExitStack()
         self._stack.enter_context(log_verbosity(verbose))
         llama_cpp.llama_backend_init()
+        params, _devices = model_params(device)  # _devices: the list params points to, alive through the load
         with self.log:
-            self.ptr = llama_cpp.llama_model_load_from_file(str(self.path).encode(),
-                                                            llama_cpp.llama_model_default_params())
+            self.ptr = llama_cpp.llama_model_load_from_file(str(self.path).encode(), params)
         if not self.ptr:
             self._stack.close()
             raise LlamaError(f"llama.cpp could not load {self.path}:\n{self.log.tail()}")
@@ -198,13 +226,14 @@ class Decoder:
     rotation=False sets LLAMA_ATTN_ROT_DISABLE=1 while the context is created (upstream reads it then);
     `attn_rot` tells what llama.cpp reported: {'k': bool, 'v': bool}. nsq_calib (an nsq4 K cache only) is what
     llama_cpp.Llama takes: None for the default calibration, a file from nsq-calibrate, False for none; the
-    `nsq_calib` attribute is the file the keys are centered by, or None.
+    `nsq_calib` attribute is the file the keys are centered by, or None. device: the ggml device that holds the model
+    and its cache (model_params; None: llama.cpp's default).
     """
 
     def __init__(self, model_path: Union[str, Path], n_ctx: int = 512, type_k: str = "f16", type_v: str = "f16",
                  flash_attn: Optional[bool] = True, n_threads: Optional[int] = None, n_ubatch: int = 512,
                  rotation: bool = True, eval_callback: Optional[EvalCallback] = None, verbose: bool = False,
-                 nsq_calib: NsqCalib = None):
+                 nsq_calib: NsqCalib = None, device: Optional[str] = None):
         import llama_cpp
 
         self.type_k, self.type_v = type_k, type_v
@@ -214,7 +243,8 @@ class Decoder:
         params = context_params(n_ctx, type_k, type_v, flash_attn, n_threads, n_ubatch, self._eval)
         self._stack = ExitStack()
         try:
-            self.model = self._stack.enter_context(Model(model_path, verbose, LogTap(on_line=self._read_rotation)))
+            self.model = self._stack.enter_context(Model(model_path, verbose, LogTap(on_line=self._read_rotation),
+                                                         device))
             self.nsq_calib = self._calibration(params.type_k, nsq_calib)
             with scoped_env(cache_env(params.type_k, rotation, self.nsq_calib)), self.model.log:
                 self.ctx = llama_cpp.llama_init_from_model(self.model.ptr, params)

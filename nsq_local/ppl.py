@@ -154,8 +154,9 @@ def window_logits(s: Decoder, window: npt.NDArray[np.int32]) -> npt.NDArray[np.f
 def evaluate(model: Path, tokens: npt.NDArray[np.int32], n_ctx: int, chunks: int,
              pairs: Sequence[tuple[str, str]], flash_attn: Optional[bool], rotation: bool,
              n_threads: Optional[int], n_ubatch: int, add_bos: bool, bos: int, verbose: bool = False,
-             nsq_calib: Union[None, bool, Path] = None) -> dict:
-    """One -c: the f16 baseline and each cache type over the same windows; a JSON-ready dict."""
+             nsq_calib: Union[None, bool, Path] = None, device: Optional[str] = None) -> dict:
+    """One -c: the f16 baseline and each cache type over the same windows; a JSON-ready dict. device: the ggml device
+    every context runs on (capture.model_params; None: llama.cpp's default)."""
     if n_ctx < 8 or n_ctx % 2:
         raise UsageError(f"-c {n_ctx}: the window must be an even number of tokens, at least 8")
     available = len(tokens) // n_ctx
@@ -168,7 +169,8 @@ def evaluate(model: Path, tokens: npt.NDArray[np.int32], n_ctx: int, chunks: int
         for tk, tv in [("f16", "f16"), *pairs]:
             decoders.append(Decoder(model, n_ctx=n_ctx, type_k=storage_type(tk), type_v=tv, flash_attn=flash_attn,
                                     n_threads=n_threads, n_ubatch=n_ubatch, rotation=rotation, verbose=verbose,
-                                    nsq_calib=False if tk == UNCENTERED else nsq_calib if tk == "nsq4" else None))
+                                    nsq_calib=False if tk == UNCENTERED else nsq_calib if tk == "nsq4" else None,
+                                    device=device))
         accs = [_Acc() for _ in decoders]
         prog = Progress(n_win * len(decoders), f"nsq-ppl -c {n_ctx}")
         for w in range(n_win):
