@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -263,3 +264,63 @@ def test_nsq4_special_blocks_are_zero(nsq4_host, tmp_path):
         assert d[i] == 0 and (blocks[i, 2:] == 0x88).all(), name
     for name in ("d saturates", "max float", "huge 3e38"):
         assert d[names.index(name)] == np.float16(65504.0), name
+
+
+# What ggml_backend_cuda_device_supports_op claims for NSQ4, each with the code that serves the claim: (claim in
+# supports_op, file, code that must be there). Compiling proves the code builds; this proves each claim has code.
+CUDA_CLAIMS = {
+    "cpy f32 -> nsq4": (r"src0_type == GGML_TYPE_F32 && src1_type == GGML_TYPE_NSQ4",
+                        "cpy.cu", r"src0->type == GGML_TYPE_F32 && src1->type == GGML_TYPE_NSQ4"),
+    "cpy nsq4 -> f32": (r"src0_type == GGML_TYPE_NSQ4 && src1_type == GGML_TYPE_F32",
+                        "cpy.cu", r"src0->type == GGML_TYPE_NSQ4 && src1->type == GGML_TYPE_F32"),
+    "set_rows f32 -> nsq4": (r"op->type == GGML_TYPE_NSQ4\) &&\s*op->src\[0\]->type == GGML_TYPE_F32",
+                             "set-rows.cu", r"dst->type == GGML_TYPE_NSQ4\) \{\s*set_rows_cuda_quant<idx_t, block_nsq4"),
+    "get_rows nsq4": (r"case GGML_TYPE_IQ4_XS:\s*case GGML_TYPE_NSQ4:\s*return true;",
+                      "getrows.cu", r"case GGML_TYPE_NSQ4:\s*get_rows_cuda_q<QK_NSQ4, QR_NSQ4, dequantize_nsq4>"),
+    # cuBLAS after dequantization: the mul_mat dispatch must route NSQ4 there, and convert.cu must dequantize it
+    "mul_mat nsq4 (cuBLAS)": (r"case GGML_TYPE_NSQ4:\s*//[^\n]*\n\s*return op->op == GGML_OP_MUL_MAT;",
+                              "ggml-cuda.cu", r"src0->type == GGML_TYPE_NSQ4 \|\| src1->type != GGML_TYPE_F32"),
+}
+
+
+def cuda_nsq4_claims(cuda_dir: Path) -> dict[str, str]:
+    """Each claim of CUDA_CLAIMS with what is wrong with it ('' when both the claim and its code are there), plus
+    'unlisted' for NSQ4 lines of supports_op that no claim accounts for."""
+    text = (cuda_dir / "ggml-cuda.cu").read_text()
+    start = text.index("static bool ggml_backend_cuda_device_supports_op(")
+    body = text[start:text.index("\n}\n", start)]
+    found, accounted = {}, 0
+    for name, (claim, path, code) in CUDA_CLAIMS.items():
+        m = re.search(claim, body)
+        accounted += m.group(0).count("NSQ4") if m else 0
+        found[name] = ("" if m else "not claimed") or ("" if re.search(code, (cuda_dir / path).read_text())
+                                                        else f"no code in {path}")
+    found["unlisted"] = "" if body.count("NSQ4") == accounted else \
+        f"{body.count('NSQ4') - accounted} NSQ4 mention(s) in supports_op that no claim accounts for"
+    return found
+
+
+def test_cuda_supports_op_claims_only_what_has_code(llama_src, tmp_path):
+    """Every op supports_op claims for NSQ4 has a kernel (or the cuBLAS route) behind it, and nothing else is claimed;
+    flash attention is upstream's own choice of kernel (ggml_cuda_get_best_fattn_kernel), which finds the nsq4-nsq4
+    vector kernel or converts K and V to f16 (convert.cu). Negative control: the same check on a copy whose get_rows
+    dispatch lost its NSQ4 case, and on one whose supports_op claims an extra pair."""
+    cuda_dir = llama_src / "ggml" / "src" / "ggml-cuda"
+    assert cuda_nsq4_claims(cuda_dir) == {name: "" for name in [*CUDA_CLAIMS, "unlisted"]}
+    convert = (cuda_dir / "convert.cu").read_text()
+    assert convert.count("case GGML_TYPE_NSQ4:") == 6, "to_fp16/bf16/fp32, contiguous and not: the f16 fallback's"
+    fattn = (cuda_dir / "fattn.cu").read_text()
+    assert re.search(r"case GGML_TYPE_Q8_0:\s*case GGML_TYPE_NSQ4:\s*return true;", fattn)
+    assert "FATTN_VEC_CASES_ALL_D(NSQ4, NSQ4)" in fattn
+    assert (cuda_dir / "template-instances" / "fattn-vec-instance-nsq4-nsq4.cu").is_file()
+
+    broken = tmp_path / "ggml-cuda"
+    shutil.copytree(cuda_dir, broken, ignore=shutil.ignore_patterns("template-instances", "vendors"))
+    getrows = (broken / "getrows.cu").read_text()
+    (broken / "getrows.cu").write_text(getrows.replace("case GGML_TYPE_NSQ4:", "case GGML_TYPE_COUNT:"))
+    assert cuda_nsq4_claims(broken)["get_rows nsq4"] == "no code in getrows.cu"
+    (broken / "ggml-cuda.cu").write_text((cuda_dir / "ggml-cuda.cu").read_text().replace(
+        "if (src0_type == GGML_TYPE_NSQ4 && src1_type == GGML_TYPE_F32) {",
+        "if (src0_type == GGML_TYPE_NSQ4 && src1_type == GGML_TYPE_F16) {\n                    return true;\n"
+        "                }\n                if (src0_type == GGML_TYPE_NSQ4 && src1_type == GGML_TYPE_F32) {"))
+    assert cuda_nsq4_claims(broken)["unlisted"].startswith("1 NSQ4 mention")
