@@ -501,3 +501,27 @@ def test_client_refuses_an_rpc_server_from_another_tree(tool, smollm2, tmp_path)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert f"RPC server 127.0.0.1:{port} refused the handshake: it was built from another tree" in out, out[-3000:]
+
+
+# --- the load bench ---------------------------------------------------------------------------------------------------
+
+def test_serve_bench_end_to_end_at_toy_sizes(tool, smollm2, nsq_calib, tmp_path):
+    """bench/serve_bench.py at toy sizes (its figures are for a quiet machine, not for a test): the capacity it
+    derives from llama.cpp's allocation, the rounds of clients, the table and the JSON."""
+    out = tmp_path / "serve.json"
+    run_bench = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve().parent.parent / "bench" / "serve_bench.py"), "--bin",
+         str(tool("llama-server").parent), "-m", str(smollm2), "--types", "f16,nsq4", "--budget-mib", "64",
+         "-N", "1,2", "-p", "16", "-n", "4", "-t", THREADS, "--nsq-calib", str(nsq_calib), "--json", str(out)],
+        capture_output=True, text=True, timeout=600)
+    assert run_bench.returncode == 0, run_bench.stderr[-3000:]
+    results = {r["cache"]: r for r in json.loads(out.read_text())["results"]}
+    assert results["f16"]["bytes_per_token"] == pytest.approx(30 * 384 * 2, abs=2)
+    assert results["nsq4"]["bytes_per_token"] == pytest.approx(30 * 384 * 34 / 64, abs=2)
+    for r in results.values():
+        assert r["kv_mib"] <= 64 and r["slots"] == 2
+        assert [x["clients"] for x in r["rounds"]] == [1, 2]
+        assert all(x["tokens"] == x["clients"] * 4 and x["decode_tps"] > 0 for x in r["rounds"])
+    # a 4096-token conversation takes 90 MiB with f16, 23.9 MiB with nsq4
+    assert results["f16"]["conversations"] == 0 and results["nsq4"]["conversations"] == 2
+    assert "| nsq4 |" in run_bench.stdout and "| f16 |" in run_bench.stdout
