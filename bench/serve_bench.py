@@ -45,41 +45,49 @@ def post(url: str, body: dict) -> dict:
         return json.loads(r.read())
 
 
-class LlamaServer:
-    def __init__(self, bin_dir: Path, model: Path, cache: str, cells: int, slots: int, threads: int,
-                 calib: Path | None, log: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        cmd = [str(bin_dir / "llama-server"), "-m", str(model), "--host", "127.0.0.1", "--port", str(self.port),
-               "-c", str(cells), "-np", str(slots), "-fa", "on", "-ctk", cache, "-ctv", cache, "-t", str(threads),
-               "--no-warmup", "--cache-ram", "0", "-lv", "4"]
-        if calib is not None:
-            cmd += ["--nsq-calib", str(calib)]
-        self.cmd = cmd
-        self._f = open(log, "w")
-        self.proc = subprocess.Popen(cmd, stdout=self._f, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 600
-        while True:
+class ServerError(RuntimeError):
+    pass
+
+
+class Server:
+    """A server process on localhost (tests/test_server.py runs its servers with it too): started, waited for until
+    `ready` answers 200 (None: until its port takes a TCP connection, as ggml-rpc-server's), stopped by its pid.
+    ServerError when it exits or does not answer in time."""
+
+    def __init__(self, cmd: list, log: Path, port: int, ready: str | None = "/health", env: dict | None = None,
+                 timeout: float = 300) -> None:
+        self.port, self.log = port, log
+        self.url = f"http://127.0.0.1:{port}"
+        self._log_file = open(log, "w")
+        self.proc = subprocess.Popen([str(c) for c in cmd], stdout=self._log_file, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **(env or {})})
+        deadline = time.monotonic() + timeout
+        while not self._answers(ready):
             if self.proc.poll() is not None:
-                raise SystemExit(f"llama-server exited {self.proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
+                self.stop()
+                raise ServerError(f"{cmd[0]} exited {self.proc.returncode} at start-up:\n{self.output()[-3000:]}")
             if time.monotonic() > deadline:
                 self.stop()
-                raise SystemExit("llama-server did not become ready")
+                raise ServerError(f"{cmd[0]} did not answer {ready or 'on its port'} within {timeout} s:\n"
+                                  f"{self.output()[-3000:]}")
             time.sleep(0.25)
 
-    def kv_mib(self) -> float:
-        self._f.flush()
-        m = re.findall(r"llama_kv_cache: size = +([0-9.]+) MiB \( *(\d+) cells", self.log.read_text())
-        if not m:
-            raise SystemExit(f"no KV size in llama-server's log {self.log}")
-        return sum(float(x) for x, _ in m)
+    def _answers(self, ready: str | None) -> bool:
+        try:
+            if ready is None:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return True
+            with urllib.request.urlopen(self.url + ready, timeout=5) as r:
+                return r.status == 200
+        except OSError:  # refused, reset, timed out: not up yet
+            return False
+
+    def output(self) -> str:
+        self._log_file.flush()
+        return self.log.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -89,7 +97,28 @@ class LlamaServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        self._f.close()
+        self._log_file.close()
+
+
+class LlamaServer(Server):
+    def __init__(self, bin_dir: Path, model: Path, cache: str, cells: int, slots: int, threads: int,
+                 calib: Path | None, log: Path) -> None:
+        port = free_port()
+        cmd = [bin_dir / "llama-server", "-m", model, "--host", "127.0.0.1", "--port", port, "-c", cells,
+               "-np", slots, "-fa", "on", "-ctk", cache, "-ctv", cache, "-t", threads, "--no-warmup",
+               "--cache-ram", 0, "-lv", 4]
+        if calib is not None:
+            cmd += ["--nsq-calib", calib]
+        try:
+            super().__init__(cmd, log, port, timeout=600)
+        except ServerError as e:
+            raise SystemExit(str(e))
+
+    def kv_mib(self) -> float:
+        m = re.findall(r"llama_kv_cache: size = +([0-9.]+) MiB \( *(\d+) cells", self.output())
+        if not m:
+            raise SystemExit(f"no KV size in llama-server's log {self.log}")
+        return sum(float(x) for x, _ in m)
 
 
 def bytes_per_cell(bin_dir: Path, model: Path, cache: str, threads: int, calib: Path | None, tmp: Path) -> float:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import socket
 import struct
 import subprocess
@@ -20,6 +19,12 @@ from pathlib import Path
 
 import pytest
 
+from helpers import ROOT
+
+sys.path.insert(0, str(ROOT / "bench"))
+import serve_bench  # noqa: E402
+from serve_bench import free_port  # noqa: E402
+
 openai = pytest.importorskip("openai", reason="the serving tests drive the servers with it: pip install openai")
 
 THREADS = str(os.cpu_count() or 2)
@@ -27,57 +32,17 @@ THREADS = str(os.cpu_count() or 2)
 SECRETS = [48213, 70592, 13847, 96071, 25368, 81734, 39405, 62150]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class Server(serve_bench.Server):
+    """bench/serve_bench.py's server process, a test failure when it does not start, with an openai client."""
 
-
-class Server:
-    """A server process on localhost: started, waited for until `ready` answers 200, stopped by its pid."""
-
-    def __init__(self, cmd: list, log: Path, port: int, ready: str = "/health", env: dict | None = None,
-                 timeout: float = 300) -> None:
-        self.port, self.log = port, log
-        self.url = f"http://127.0.0.1:{port}"
-        self._log_file = open(log, "w")
-        self.proc = subprocess.Popen([str(c) for c in cmd], stdout=self._log_file, stderr=subprocess.STDOUT,
-                                     env={**os.environ, **(env or {})})
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                self.stop()
-                pytest.fail(f"{cmd[0]} exited {self.proc.returncode} at start-up:\n{self.output()[-3000:]}")
-            try:
-                with urllib.request.urlopen(self.url + ready, timeout=5) as r:
-                    if r.status == 200:
-                        return
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                pytest.fail(f"{cmd[0]} did not answer {ready} within {timeout} s:\n{self.output()[-3000:]}")
-            time.sleep(0.25)
+    def __init__(self, *args, **kw) -> None:
+        try:
+            super().__init__(*args, **kw)
+        except serve_bench.ServerError as e:
+            pytest.fail(str(e))
 
     def client(self, **kw) -> "openai.OpenAI":
         return openai.OpenAI(base_url=self.url + "/v1", api_key="x", max_retries=0, timeout=600, **kw)
-
-    def output(self) -> str:
-        self._log_file.flush()
-        return self.log.read_text(errors="replace")
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log_file.close()
 
 
 def post_raw(url: str, body: bytes) -> tuple[int, str]:
@@ -363,22 +328,12 @@ def test_llama_server_quantized_v_without_flash_attention_is_a_start_up_error(to
 # --- RPC --------------------------------------------------------------------------------------------------------------
 
 def rpc_server(tool, log: Path) -> Server:
+    """A ggml-rpc-server on localhost; `endpoint` is what --rpc takes."""
     port = free_port()
-    server = Server.__new__(Server)
-    server.port, server.log, server.url = port, log, f"127.0.0.1:{port}"
-    server._log_file = open(log, "w")
-    server.proc = subprocess.Popen([str(tool("ggml-rpc-server")), "-H", "127.0.0.1", "-p", str(port), "-t", THREADS],
-                                   stdout=server._log_file, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return server
-        except OSError:
-            if server.proc.poll() is not None or time.monotonic() > deadline:
-                server.stop()
-                pytest.fail(f"ggml-rpc-server did not start:\n{server.output()[-2000:]}")
-            time.sleep(0.2)
+    server = Server([tool("ggml-rpc-server"), "-H", "127.0.0.1", "-p", port, "-t", THREADS], log, port, ready=None,
+                    timeout=60)
+    server.endpoint = f"127.0.0.1:{port}"
+    return server
 
 
 def kl_divergence(tool, model, text, base: Path, extra: tuple, cache: str = "nsq4") -> tuple[dict, str]:
@@ -404,7 +359,7 @@ def test_rpc_nsq4_cache_logits_match_the_local_run(tool, smollm2, wikitext, nsq_
     kl_divergence(tool, smollm2, wikitext, base, calib)
     rpc = rpc_server(tool, tmp_path / "rpc.log")
     try:
-        remote = ("--rpc", rpc.url, "-ngl", "99", "--kl-divergence", *calib)
+        remote = ("--rpc", rpc.endpoint, "-ngl", "99", "--kl-divergence", *calib)
         same, log = kl_divergence(tool, smollm2, wikitext, base, remote)
         # the cache lives on the RPC server, not in this process
         (tmp_path / "rpc-client.log").write_text(log)
@@ -421,7 +376,7 @@ def test_rpc_nsq4_cache_logits_match_the_local_run(tool, smollm2, wikitext, nsq_
 def test_rpc_server_killed_mid_generation_is_a_clear_error(tool, smollm2, tmp_path):
     rpc = rpc_server(tool, tmp_path / "rpc.log")
     server = llama_server(tool, smollm2, "nsq4", tmp_path / "llama-server.log", slots=1,
-                          extra=("--rpc", rpc.url, "-ngl", "99"))
+                          extra=("--rpc", rpc.endpoint, "-ngl", "99"))
     try:
         stream = server.client().completions.create(model="m", prompt="Write a long story about a dragon.",
                                                     max_tokens=900, temperature=0, stream=True,
