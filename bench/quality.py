@@ -6,18 +6,20 @@ long-context row set.
     python3 bench/quality.py --bin build/tools/bin --out docs/quality-table
 
 Each row is one `llama-perplexity -c C --chunks N -fa on -ctk T -ctv T --kl-divergence` run against the f16 run's
-logits (`--kl-divergence-base`), so every type is scored on the same tokens. The nsq4 rows:
+logits (`--kl-divergence-base`), so every type is scored on the same tokens. The nsq4 rows (nsq3's alike):
 
   nsq4             as shipped: the calibration `llama_cpp.Llama(type_k="nsq4")` and nsq-chat make by default
-                   (`nsq-calibrate -m MODEL`: K means from Python's documentation, outlier layers' K wider)
+                   (`nsq-calibrate -m MODEL`: K means from Python's documentation, outlier layers' K wider; for
+                   nsq3 also the layers whose K is kept in nsq4 within 3.5 bits/value)
   nsq4-centering   that file's K means alone (every layer's K in nsq4)
   nsq4-layers      that file's per-layer K types alone (no centering)
   nsq4-uncentered  neither (llama.cpp's tools without --nsq-calib)
 
-A type written K/V (e.g. nsq4/f16) stores K and V in different types: where the error comes from.
+A type written K/V (e.g. nsq4/f16) stores K and V in different types: where the error comes from; nsq4/nsq3 is the
+option of K in nsq4 (as shipped) with V in nsq3.
 
-On a model where the calibration picks no outlier layer, nsq4-centering is nsq4 and nsq4-layers is nsq4-uncentered,
-and those two rows are not run. bits/value is measured: the KV cache size llama.cpp reports, against the f16
+On a model where the calibration picks no layer for a type, its -centering row is its shipped row and its -layers row
+its -uncentered row, and those two rows are not run. bits/value is measured: the KV cache size llama.cpp reports, against the f16
 cache's, times 16 (so wider layers count). Logs are kept in --work; a run whose log is complete is not repeated
 (delete it to re-run); --table-only tabulates what is complete. Writes OUT.json and OUT.md after every run.
 """
@@ -46,9 +48,11 @@ MODELS = {"smollm2": ("SmolLM2-135M-Instruct (Q4_1, head 64)", models.smollm2),
           "gemma3": ("Gemma 3 270M (Q4_K_M, head 256, SWA)", models.gemma3_270m),
           "qwen05": ("Qwen2.5-Coder-0.5B-Instruct (Q4_K_M, head 64, K bias)", models.qwen25_coder_05b),
           "qwen15": ("Qwen2.5-Coder-1.5B-Instruct (Q4_K_M, head 128, K bias)", models.qwen25_coder_15b)}
-TYPES = ("f16", "q8_0", "q5_0", "iq4_nl", "q4_0", "nsq4", "nsq4-centering", "nsq4-layers", "nsq4-uncentered")
+TYPES = ("f16", "q8_0", "q5_0", "iq4_nl", "q4_0", "nsq4", "nsq4-centering", "nsq4-layers", "nsq4-uncentered",
+         "nsq3", "nsq3-centering", "nsq3-uncentered")
 ROT_OFF_TYPES = ("iq4_nl", "q4_0", "nsq4", "nsq4-uncentered")
-KV_SPLIT_TYPES = ("nsq4/f16", "f16/nsq4")
+KV_SPLIT_TYPES = ("nsq4/f16", "f16/nsq4", "nsq4/nsq3")
+NSQ_TYPES = {"nsq4": "nsq.k_type.", "nsq3": "nsq.nsq3.k_type."}  # and the prefix of their per-layer K types
 LONG_TYPES = ("q4_0", "nsq4")
 PATTERNS = {
     "ppl": re.compile(r"Mean PPL\(Q\)\s*:\s*([0-9.]+)\s*±\s*([0-9.]+)"),
@@ -92,18 +96,21 @@ def parse(text: str) -> dict[str, Optional[float]]:
 
 
 def lever_files(shipped: Path, work: Path, key: str) -> dict[str, Path]:
-    """Calibration files that keep one lever of the shipped one: its K means alone, its per-layer K types alone.
-    Empty when the shipped file chooses no layer (then each lever alone is the shipped file or no file)."""
+    """Calibration files that keep one lever of the shipped one, for each nsq type whose layers it chooses: its K
+    means alone, its per-layer K types alone. None for a type it chooses no layer for (then each lever alone is the
+    shipped file or no file)."""
     meta, tensors = calibrate.read_gguf(shipped)
-    if not any(k.startswith("nsq.k_type.") for k in meta):
+    chosen = [t for t, prefix in NSQ_TYPES.items() if any(k.startswith(prefix) for k in meta)]
+    if not chosen:
         return {}
     means = [tensors[f"nsq.k_mean.{il}"] for il in range(len(tensors))]
     centering, layers = work / f"{key}-centering.nsq.gguf", work / f"{key}-layers.nsq.gguf"
     work.mkdir(parents=True, exist_ok=True)
-    calibrate.write_gguf(centering, means, {k: v for k, v in meta.items() if not k.startswith("nsq.k_type.")})
+    calibrate.write_gguf(centering, means, {k: v for k, v in meta.items()
+                                            if not k.startswith(tuple(NSQ_TYPES.values()))})
     # a zero mean stores every key as it is: the uncentered cache, with the shipped file's layer types
     calibrate.write_gguf(layers, [np.zeros_like(m) for m in means], meta)
-    return {"nsq4-centering": centering, "nsq4-layers": layers}
+    return {f"{t}-{lever}": path for t in chosen for lever, path in (("centering", centering), ("layers", layers))}
 
 
 def measure(args, text: Path, key: str, ctx: int, chunks: int, plan: list[tuple[str, str]], rows: list,
@@ -124,17 +131,17 @@ def measure(args, text: Path, key: str, ctx: int, chunks: int, plan: list[tuple[
     f16 = parse(run(common + ["-ctk", "f16", "-ctv", "f16", "--kl-divergence-base", str(base)], {}, base_log))
     calibs: dict[str, Path] = {}
     if not args.table_only:
-        calibs["nsq4"] = calibrate.cached(model)
+        calibs["nsq4"] = calibs["nsq3"] = calibrate.cached(model)
         calibs.update(lever_files(calibs["nsq4"], args.work, key))
     for t, rot in plan:
-        if t in ("nsq4-centering", "nsq4-layers") and not args.table_only and t not in calibs:
-            continue  # no outlier layer: the same run as nsq4 / nsq4-uncentered
+        if t.endswith(("-centering", "-layers")) and not args.table_only and t not in calibs:
+            continue  # no layer chosen: the same run as the shipped / uncentered row
         name = f"{tag}-{t.replace('/', '-v')}-rot{rot}"
         log = base_log if t == "f16" else args.work / f"{name}.log"
         if args.table_only and not complete(log):
             continue
         tk, tv = t.split("/") if "/" in t else (t, t)
-        ctk, ctv = ("nsq4" if x.startswith("nsq4") else x for x in (tk, tv))
+        ctk, ctv = (x.split("-")[0] for x in (tk, tv))
         calib_args = ["--nsq-calib", str(calibs[tk])] if tk in calibs else []
         env = {"LLAMA_ATTN_ROT_DISABLE": "1"} if rot == "off" else {}
         if t == "f16":

@@ -23,13 +23,14 @@ records the sha256 of the model file it was made from, and is refused for any ot
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import importlib
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import numpy.typing as npt
@@ -145,29 +146,33 @@ def model_id(model: Path) -> str:
 LAYER_BITS_BUDGET = 4.5  # the average bits per K+V value that wider layers may bring an nsq4 cache to (q4_0's)
 LAYER_OUTLIER = 10.0  # a layer is an outlier when its attention KL is this many times the median layer's
 LAYER_TYPES = ("q8_0", "f16")  # by cost: an outlier gets the cheapest that brings it to the median layer's KL
+# An nsq3 cache (its layers named "nsq.nsq3.k_type.<layer>", the llama-nsq3-cache-type-glue patch) spends more on its
+# keys, which carry most of its error: after its outliers, the layers whose keys gain most from nsq4 get nsq4 keys
+# while the cache stays within 3.5 bits/value. With the NSQ3 prototype (docs/design.md), K in nsq4 in a quarter of the
+# layers took SmolLM2's KLD to 0.73x flat nsq3's, in half of them to 0.51x (Gemma 3 270M: 0.54x, 0.40x).
+NSQ3_BITS_BUDGET = 3.5
+NSQ3_LAYER_TYPES = ("nsq4", "q8_0", "f16")
 
 
 def layer_types(model: Path, text: str, means: Sequence[npt.NDArray[np.float32]], n_ctx: int = 2048,
-                n_threads: Optional[int] = None, budget_bits: float = LAYER_BITS_BUDGET,
-                outlier: float = LAYER_OUTLIER, progress: bool = True) -> dict[str, str]:
-    """The K types of an nsq4 cache's outlier layers, as calibration metadata: {"nsq.k_type.<layer>": "f16"}.
+                n_threads: Optional[int] = None, progress: bool = True) -> dict[str, str]:
+    """The K types of an nsq4 and of an nsq3 cache's layers stored otherwise, as calibration metadata:
+    {"nsq.k_type.<layer>": "f16", "nsq.nsq3.k_type.<layer>": "nsq4", ...}.
 
     On the first window of the calibration text, the model's own Q and K give, per layer, the mean KL divergence
     between the causal attention distributions (every 8th query, all query heads) of the exact keys and of the keys
-    as an nsq4 cache stores them (centered by `means`, rotated as upstream rotates them): how far its nsq4 keys move
-    that layer's attention. On most models the layers are within a few times of each other, and none is chosen. A
-    layer whose keys are almost all one large bias added before RoPE (Qwen2.5-0.5B's first: 96% of K's energy, partly
-    in RoPE pairs that turn within the window, so no fixed mean takes it off) is a hundred times the median: each
-    layer above `outlier` times the median, worst first, gets the cheapest of LAYER_TYPES whose keys bring its KL to
-    the median or below (else the most precise), as long as the cache's average bits per K+V value, V in nsq4, stay
-    within `budget_bits`. Wider layers are not centered (llama.cpp centers nsq4 keys only).
+    as the cache stores them (centered by `means`, rotated as upstream rotates them): how far its quantized keys move
+    that layer's attention. On most models the layers are within a few times of each other. A layer whose keys are
+    almost all one large bias added before RoPE (Qwen2.5-0.5B's first: 96% of K's energy, partly in RoPE pairs that
+    turn within the window, so no fixed mean takes it off) is a hundred times the median: each layer above
+    LAYER_OUTLIER times the median, worst first, gets the cheapest wider type whose keys bring its KL to the median or
+    below (else the most precise), as long as the cache's average bits per K+V value stay within the budget (V in the
+    cache's type). Only nsq4 and nsq3 keys are centered (as llama.cpp does).
     """
     from nsq_local import cache_sim, capture
-    from nsq_local.cquant import bits_per_value
 
     with capture.Capturer(model, n_ctx, n_threads=n_threads) as cap:
         qkv = cap.run(cap.model.tokenize(text[:16 * n_ctx])[:n_ctx])
-    t0 = time.time()
     rot = cache_sim.rot_block_k(qkv.k[0].shape[-1])
 
     def attention_kl(il: int, k_hat: npt.NDArray[np.float32]) -> float:
@@ -185,37 +190,68 @@ def layer_types(model: Path, text: str, means: Sequence[npt.NDArray[np.float32]]
             total += float(np.mean(np.sum(np.exp(ls) * (ls - lh), axis=1)))
         return total / q.shape[1]
 
-    scores = []
-    for il, k in enumerate(qkv.k):
+    @functools.lru_cache(maxsize=None)
+    def kl(il: int, t: str) -> float:
+        """How far layer il's attention moves with its keys as a cache of type t holds them (nsq types centered)."""
+        k = qkv.k[il]
+        if t not in ("nsq4", "nsq3"):
+            return attention_kl(il, cache_sim.roundtrip(t, k, rot))
         m = np.asarray(means[il], dtype=np.float32).reshape(k.shape[1:])
-        scores.append(attention_kl(il, cache_sim.roundtrip("nsq4", k - m, rot) + m))
+        return attention_kl(il, cache_sim.roundtrip(t, k - m, rot) + m)
+
+    sizes = ([k[0].size for k in qkv.k], [v[0].size for v in qkv.v])
+    chosen = _layer_types(kl, sizes, "nsq4", LAYER_TYPES, LAYER_BITS_BUDGET, progress)
+    chosen.update(_layer_types(kl, sizes, "nsq3", NSQ3_LAYER_TYPES, NSQ3_BITS_BUDGET, progress))
+    return chosen
+
+
+def _layer_types(kl: Callable[[int, str], float], sizes: tuple[list[int], list[int]], base: str,
+                 wider: Sequence[str], budget_bits: float, progress: bool) -> dict[str, str]:
+    """layer_types for a cache of type `base`, given each layer's attention KL per K type and the K and V values per
+    token of each layer. For nsq3, once the outliers have theirs, the other layers get nsq4 keys in the order of the
+    attention KL they gain per added bit, while the budget lasts."""
+    from nsq_local.cquant import bits_per_value
+
+    t0 = time.time()
+    prefix = "nsq." if base == "nsq4" else f"nsq.{base}."
+    n_k, n_v = sizes
+    n_layer = len(n_k)
+    scores = [kl(il, base) for il in range(n_layer)]
     median = float(np.median(scores))
-    n_k, n_v = [k[0].size for k in qkv.k], [v[0].size for v in qkv.v]
-    bits = {t: bits_per_value(t) for t in ("nsq4", *LAYER_TYPES)}
-    k_bits = [bits["nsq4"]] * qkv.n_layer
+    bits = {t: bits_per_value(t) for t in (base, *wider)}
+    k_bits = [bits[base]] * n_layer
 
     def average(il: int, t: str) -> float:
         with_t = k_bits[:il] + [bits[t]] + k_bits[il + 1:]
-        return float((np.dot(with_t, n_k) + bits["nsq4"] * sum(n_v)) / (sum(n_k) + sum(n_v)))
+        return float((np.dot(with_t, n_k) + bits[base] * sum(n_v)) / (sum(n_k) + sum(n_v)))
 
     chosen: dict[str, str] = {}
-    for il in sorted(range(qkv.n_layer), key=lambda i: -scores[i]):
-        if scores[il] <= outlier * median:
+    for il in sorted(range(n_layer), key=lambda i: -scores[i]):
+        if scores[il] <= LAYER_OUTLIER * median:
             break
-        fits = [t for t in LAYER_TYPES if average(il, t) <= budget_bits]
-        t = next((t for t in fits if attention_kl(il, cache_sim.roundtrip(t, qkv.k[il], rot)) <= median),
-                 fits[-1] if fits else None)
+        fits = [t for t in wider if average(il, t) <= budget_bits]
+        t = next((t for t in fits if kl(il, t) <= median), fits[-1] if fits else None)
         if t is not None:
-            k_bits[il], chosen[f"nsq.k_type.{il}"] = bits[t], t
+            k_bits[il], chosen[f"{prefix}k_type.{il}"] = bits[t], t
         if progress:
-            print(f"nsq-calibrate: layer {il}: attention KL of its nsq4 keys {scores[il]:.3g}, "
+            print(f"nsq-calibrate: {base} cache, layer {il}: attention KL of its {base} keys {scores[il]:.3g}, "
                   f"{scores[il] / median:.0f}x the median layer's: "
                   + (f"K in {t}, the cache at {average(il, t):.3f} bits/value" if t is not None else
                      f"no wider K fits the budget of {budget_bits} bits/value"), file=sys.stderr)
+    n_outliers = len(chosen)
+    if base == "nsq3":
+        rest = [il for il in range(n_layer) if f"{prefix}k_type.{il}" not in chosen]
+        gain = {il: (scores[il] - kl(il, "nsq4")) / n_k[il] for il in rest}
+        for il in sorted(rest, key=lambda i: -gain[i]):
+            if gain[il] <= 0 or average(il, "nsq4") > budget_bits:
+                break
+            k_bits[il], chosen[f"{prefix}k_type.{il}"] = bits["nsq4"], "nsq4"
     if progress:
-        print(f"nsq-calibrate: per-layer precision: {len(chosen)} of {qkv.n_layer} layers' K wider than nsq4 (the "
-              f"worst layer's attention KL is {max(scores) / median:.1f}x the median's, outliers above {outlier:g}x; "
-              f"{time.time() - t0:.1f} s)", file=sys.stderr)
+        total = float((np.dot(k_bits, n_k) + bits[base] * sum(n_v)) / (sum(n_k) + sum(n_v)))
+        more = f", {len(chosen) - n_outliers} more in nsq4" if base == "nsq3" else ""
+        print(f"nsq-calibrate: per-layer precision of an {base} cache: {n_outliers} of {n_layer} layers' K wider "
+              f"(the worst layer's attention KL is {max(scores) / median:.1f}x the median's, outliers above "
+              f"{LAYER_OUTLIER:g}x){more}; {total:.3f} bits/value ({time.time() - t0:.1f} s)", file=sys.stderr)
     return chosen
 
 
@@ -239,8 +275,8 @@ def cached(model: Path, progress: bool = True) -> Path:
     """The calibration of `model` from the built-in text, made once per model file and kept in the cache folder."""
     model = Path(model).resolve()
     cache = cache_dir() / "calibration"
-    # the version in the name: a file cached before per-layer precision and two windows (v3) is made again
-    out = cache / f"{model.stem}-{model_id(model)[:16]}.v3.nsq.gguf"
+    # the version in the name: a file cached before the nsq3 cache's per-layer types (v4) is made again
+    out = cache / f"{model.stem}-{model_id(model)[:16]}.v4.nsq.gguf"
     if not out.is_file():
         if progress:
             print(f"nsq-local: calibrating the NSQ4 K cache for {model.name} (once per model file)", file=sys.stderr)

@@ -428,3 +428,47 @@ def test_default_calibration_widens_an_outlier_layer(bias, upstream_tree, empty_
     centered_only, _ = logits("nsq4", "f16", nsq_calib=centering)
     shipped_kld, centered_kld = float(kld(f16, shipped).mean()), float(kld(f16, centered_only).mean())
     assert shipped_kld < 0.2 * centered_kld, (shipped_kld, centered_kld)
+
+
+def _kld_run(tool, smollm2, wikitext, base: Path, cache: tuple[str, str], calib: Path | None) -> tuple[float, str]:
+    """Mean KLD of llama-perplexity's logits with a K/V cache against the f16 logits saved in `base`."""
+    ctk, ctv = cache
+    out = subprocess.run([str(tool("llama-perplexity")), "-m", str(smollm2), "-f", str(wikitext), "-c", "1024",
+                          "--chunks", "2", "-fa", "on", "-ctk", ctk, "-ctv", ctv, "-t", str(os.cpu_count() or 2),
+                          "-lv", "4", "--kl-divergence-base", str(base), "--kl-divergence",
+                          *(["--nsq-calib", str(calib)] if calib else [])], capture_output=True, text=True, timeout=900)
+    log = out.stdout + out.stderr
+    m = re.search(r"Mean\s+KLD:\s*([0-9.]+)", log)
+    assert out.returncode == 0 and m, log[-2000:]
+    return float(m.group(1)), log
+
+
+def test_nsq3_keeps_the_keys_of_the_layers_that_gain_most_in_nsq4(tool, smollm2, wikitext, calib, tmp_path):
+    """The calibration of an nsq3 cache stores K in nsq4 in the layers whose attention gains most from it, within
+    NSQ3_BITS_BUDGET bits/value: llama.cpp allocates them so (its log counts them), and they lower the KLD against
+    an f16 cache below a flat (centered) nsq3 cache's. The choice matters: the same number of other layers in nsq4
+    (the negative control) gains less."""
+    meta, tensors = calibrate.read_gguf(calib)
+    means = [tensors[f"nsq.k_mean.{il}"] for il in range(30)]
+    picked = sorted(int(k.rsplit(".", 1)[1]) for k, t in meta.items() if k.startswith("nsq.nsq3.k_type."))
+    assert all(meta[f"nsq.nsq3.k_type.{il}"] == "nsq4" for il in picked)
+    assert 10 <= len(picked) <= 20, picked  # SmolLM2 has no outlier layer: the budget buys about half of them
+    flat = tmp_path / "flat.gguf"
+    calibrate.write_gguf(flat, means, {})
+    others = tmp_path / "others.gguf"
+    calibrate.write_gguf(others, means, {f"nsq.nsq3.k_type.{il}": "nsq4"
+                                         for il in [i for i in range(30) if i not in picked][:len(picked)]})
+
+    base = tmp_path / "f16.kld"
+    subprocess.run([str(tool("llama-perplexity")), "-m", str(smollm2), "-f", str(wikitext), "-c", "1024", "--chunks",
+                    "2", "-fa", "on", "-t", str(os.cpu_count() or 2), "--kl-divergence-base", str(base)],
+                   capture_output=True, check=True, timeout=900)
+    shipped, log = _kld_run(tool, smollm2, wikitext, base, ("nsq3", "nsq3"), calib)
+    assert f"K nsq4: layers {', '.join(map(str, picked))};" in log, log[-3000:]
+    bits = float(re.search(r"per-layer precision from .*K\+V ([0-9.]+)", log).group(1))
+    assert 3.25 < bits <= calibrate.NSQ3_BITS_BUDGET + 1e-3, bits
+    flat_kld, _ = _kld_run(tool, smollm2, wikitext, base, ("nsq3", "nsq3"), flat)
+    others_kld, _ = _kld_run(tool, smollm2, wikitext, base, ("nsq3", "nsq3"), others)
+    print(f"nsq3 KLD: shipped {shipped:.4f}, flat {flat_kld:.4f}, other layers in nsq4 {others_kld:.4f}")
+    assert shipped < 0.8 * flat_kld, (shipped, flat_kld)
+    assert shipped < others_kld, (shipped, others_kld)
