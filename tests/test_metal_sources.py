@@ -1,12 +1,12 @@
-"""The ggml-metal-nsq4 patch leaves upstream's Metal libraries as they were: NSQ4's Metal code is compiled only into
-NSQ4's own libraries (nsq4, fa_nsq4, fa_vec_nsq4), so that a compile error in it costs a Mac NSQ4 (its ops run on
-the CPU), never the Metal backend.
+"""The ggml-metal-nsq4 and ggml-metal-nsq3 patches leave upstream's Metal libraries as they were: the Metal code of
+NSQ4 and NSQ3 is compiled only into NSQ4's own libraries (nsq4, fa_nsq4, fa_vec_nsq4), so that a compile error in it
+costs a Mac the NSQ types (their ops run on the CPU), never the Metal backend.
 
 Nothing here compiles Metal. For every upstream library, the source the Metal compiler is given is rebuilt in Python
 from the pristine sdist and from the patched tree, as CMake's embed step writes it (GGML_METAL_EMBED_LIBRARY, which
 llama-cpp-python turns on for Apple) and as ggml_metal_library_flatten_source reads it at run time otherwise, and the
-two are compared byte for byte. ggml-common.h, which every library inlines and which declares NSQ4 for the CPU and
-CUDA, is taken as Metal sees it: its conditionals evaluated by the host preprocessor for Metal without
+two are compared byte for byte. ggml-common.h, which every library inlines and which declares NSQ4 and NSQ3 for the
+CPU and CUDA, is taken as Metal sees it: its conditionals evaluated by the host preprocessor for Metal without
 GGML_METAL_NSQ4, the macro only NSQ4's libraries are compiled with.
 """
 from __future__ import annotations
@@ -26,13 +26,15 @@ from helpers import ROOT
 
 SRC = "vendor/llama.cpp/ggml/src"
 NSQ4_KINDS = ("nsq4", "fa_nsq4", "fa_vec_nsq4")
-NSQ4_FILES = {"ggml-metal/kernels/nsq4.h"} | {f"ggml-metal/kernels/{kind}.metal" for kind in NSQ4_KINDS}
-# the upstream files the patch may change: NSQ4's registration (CMake sources, library list), its supports_op
-# entries and the fallback that makes its libraries optional, the F16 pre-conversion choice
+NSQ_FILES = ({"ggml-metal/kernels/nsq4.h", "ggml-metal/kernels/nsq3.h"}
+             | {f"ggml-metal/kernels/{kind}.metal" for kind in NSQ4_KINDS})
+# the upstream files the patches may change: the NSQ libraries' registration (CMake sources, library list), the
+# supports_op entries and the fallback that makes the libraries optional, the F16 pre-conversion choice, and the
+# K/V kernel names and F16 pre-conversion of the one mixed pair (an NSQ4 K with an NSQ3 V)
 SHARED_FILES = {"ggml-metal/CMakeLists.txt", "ggml-metal/ggml-metal-device.m", "ggml-metal/ggml-metal-device.h",
-                "ggml-metal/ggml-metal-ops.cpp"}
+                "ggml-metal/ggml-metal-device.cpp", "ggml-metal/ggml-metal-ops.cpp"}
 # the headers CMake's embed step prepends, in its order, to a source that includes them (common.h always)
-EMBED_HEADERS = ("dequantize.h", "quantize.h", "nsq4.h", "fa_common.metal", "fa_vec_common.metal")
+EMBED_HEADERS = ("dequantize.h", "quantize.h", "nsq4.h", "nsq3.h", "fa_common.metal", "fa_vec_common.metal")
 
 Files = dict[str, str]  # path under ggml/src -> text
 
@@ -174,35 +176,39 @@ def test_upstream_libraries_are_compiled_from_upstreams_source(pristine, patched
 
 
 @pytest.mark.parametrize("build", [embedded, flattened], ids=["embedded", "source"])
-def test_nsq4_code_in_a_shared_header_would_be_caught(pristine, patched, build, cxx, tmp_path):
-    """Negative control: one of NSQ4's block functions put back into quantize.h changes the quantize library."""
-    nsq4_code = re.search(r"^static inline int nsq4_code\(.*?^}\n", patched["ggml-metal/kernels/nsq4.h"],
-                          re.M | re.S).group(0)
+@pytest.mark.parametrize("kind", ["nsq4", "nsq3"])
+def test_nsq_code_in_a_shared_header_would_be_caught(pristine, patched, build, kind, cxx, tmp_path):
+    """Negative control: one of the type's block functions put back into quantize.h changes the quantize library."""
+    code = re.search(r"^static inline int " + kind + r"_code\(.*?^}\n", patched[f"ggml-metal/kernels/{kind}.h"],
+                     re.M | re.S).group(0)
     broken = dict(patched)
-    broken["ggml-metal/kernels/quantize.h"] += "\n" + nsq4_code
+    broken["ggml-metal/kernels/quantize.h"] += "\n" + code
     assert "quantize" in differing_kinds(pristine, broken, build, cxx, tmp_path)
 
 
 @pytest.mark.parametrize("build", [embedded, flattened], ids=["embedded", "source"])
 @pytest.mark.parametrize("kind", NSQ4_KINDS)
 def test_nsq4_libraries_get_nsq4_h_after_ggml_common_h(patched, kind, build, cxx, tmp_path):
-    """Both paths resolve NSQ4's header in NSQ4's libraries (CMake's embed step knows it by name), after
-    ggml-common.h's NSQ4 declarations."""
+    """Both paths resolve the NSQ headers in NSQ4's libraries (CMake's embed step knows them by name), once each,
+    after ggml-common.h's NSQ declarations, nsq4.h (whose fp16 conversion nsq3.h uses) before nsq3.h."""
     text = build(patched, kind, metal_view(cxx, patched["ggml-common.h"], tmp_path, "GGML_METAL_NSQ4"))
-    assert text.count("void quantize_nsq4(") == 1
+    assert text.count("void quantize_nsq4(") == 1 and text.count("void quantize_nsq3(") == 1
     assert text.index("} block_nsq4;") < text.index("void quantize_nsq4(")
+    assert text.index("} block_nsq3;") < text.index("static inline ushort nsq4_fp16_bits(") < text.index(
+        "void quantize_nsq3(")
     # the embedded source keeps dequantize.h's include of ggml-common.h, in the branch it does not compile
     assert [ln for ln in text.splitlines() if QUOTED_INCLUDE.match(ln) and "ggml-common.h" not in ln] == []
 
 
 def test_ggml_common_h_declares_nsq4_to_nsq4s_libraries_only(pristine, patched, cxx, tmp_path):
-    """Metal without GGML_METAL_NSQ4 reads upstream's ggml-common.h byte for byte, nothing of NSQ4; with it, NSQ4's
-    block and tables. A guard that let NSQ4 through is caught (negative control)."""
+    """Metal without GGML_METAL_NSQ4 reads upstream's ggml-common.h byte for byte, nothing of NSQ4 or NSQ3; with it,
+    their blocks and tables. A guard that let them through is caught (negative control)."""
     ours = patched["ggml-common.h"]
     upstream = metal_view(cxx, pristine["ggml-common.h"], tmp_path)
     assert metal_view(cxx, ours, tmp_path) == upstream
-    assert "nsq4" not in metal_view(cxx, ours, tmp_path).lower()
-    for name in ("block_nsq4", "kvalues_nsq4", "kscales_nsq4", "QK_NSQ4", "NSQ4_GRID"):
+    assert "nsq" not in metal_view(cxx, ours, tmp_path).lower()
+    for name in ("block_nsq4", "kvalues_nsq4", "kscales_nsq4", "QK_NSQ4", "NSQ4_GRID",
+                 "block_nsq3", "kvalues_nsq3", "kscales_nsq3", "QK_NSQ3"):
         assert name in metal_view(cxx, ours, tmp_path, "GGML_METAL_NSQ4")
     assert ours.count("|| defined(GGML_METAL_NSQ4)") == 2
     leaky = ours.replace("|| defined(GGML_METAL_NSQ4)", "|| 1")
@@ -226,29 +232,30 @@ def test_only_nsq4s_libraries_are_compiled_with_ggml_metal_nsq4(patched):
     assert re.findall(r".*-DGGML_METAL_NSQ4.*", cmake) == ["            set(XC_NSQ4_DEFS -DGGML_METAL_NSQ4)"]
     assert "if (src IN_LIST METALLIB_NSQ4_SOURCES)\n            set(XC_NSQ4_DEFS -DGGML_METAL_NSQ4)" in cmake
     for kind in NSQ4_KINDS:
-        assert '#include "nsq4.h"' in patched[f"ggml-metal/kernels/{kind}.metal"]
+        assert '#include "nsq4.h"\n#include "nsq3.h"' in patched[f"ggml-metal/kernels/{kind}.metal"]
 
 
 def hunks(old: str, new: str) -> list[list[str]]:
+    """The changed lines of each hunk, changes within 3 lines of each other counting as one (as in the patches)."""
     a, b = old.splitlines(), new.splitlines()
-    return [a[i1:i2] + b[j1:j2] for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(None, a, b, autojunk=False)
-            .get_opcodes() if tag != "equal"]
+    return [[ln for tag, i1, i2, j1, j2 in group if tag != "equal" for ln in a[i1:i2] + b[j1:j2]]
+            for group in difflib.SequenceMatcher(None, a, b, autojunk=False).get_grouped_opcodes(3)]
 
 
-def test_metal_diff_touches_only_nsq4(pristine, patched):
-    """Against the pristine sdist, the patched ggml-metal tree adds NSQ4's own files, leaves every upstream kernel
-    source and header as it was, and changes the shared files only in hunks about NSQ4 (its registration,
-    supports_op entries and the fallback that makes its libraries optional)."""
+def test_metal_diff_touches_only_nsq(pristine, patched):
+    """Against the pristine sdist, the patched ggml-metal tree adds the NSQ types' own files, leaves every upstream
+    kernel source and header as it was, and changes the shared files only in hunks about NSQ4 or NSQ3 (their
+    registration, supports_op entries, the fallback that makes their libraries optional, the mixed K/V pair)."""
     metal = {rel for rel in patched if rel.startswith("ggml-metal/")}
     upstream = {rel for rel in pristine if rel.startswith("ggml-metal/")}
     assert upstream <= metal
-    assert metal - upstream == NSQ4_FILES
+    assert metal - upstream == NSQ_FILES
     changed = {rel for rel in upstream if patched[rel] != pristine[rel]}
     assert changed <= SHARED_FILES, f"upstream Metal files changed outside the allowlist: {changed - SHARED_FILES}"
     assert not any(rel.startswith("ggml-metal/kernels/") for rel in changed)
     for rel in sorted(changed):
         for hunk in hunks(pristine[rel], patched[rel]):
-            assert "nsq4" in "\n".join(hunk).lower(), f"{rel}: a change that is not about NSQ4:\n" + "\n".join(hunk)
+            assert "nsq" in "\n".join(hunk).lower(), f"{rel}: a change that is not about NSQ:\n" + "\n".join(hunk)
 
 
 def kernel_text(source: str, name: str) -> str:
@@ -264,7 +271,7 @@ def kernel_text(source: str, name: str) -> str:
 
 
 # NSQ4's kernel in nsq4.metal, the upstream template it stands in for, its file, and the template arguments
-TEMPLATES = [
+NSQ4_TEMPLATES = [
     ("kernel_set_rows_f32_nsq4", "kernel_set_rows_q", "quantize.metal",
      {"TS": "float", "QK": "QK_NSQ4", "block_q": "block_nsq4", "quantize_func": "quantize_nsq4"}),
     ("kernel_cpy_f32_nsq4", "kernel_cpy_f32_q", "quantize.metal",
@@ -278,11 +285,67 @@ TEMPLATES = [
 ]
 
 
-@pytest.mark.parametrize("ours,template,file,args", TEMPLATES, ids=[t[0] for t in TEMPLATES])
-def test_nsq4_kernels_follow_upstreams_templates(pristine, patched, ours, template, file, args):
-    """NSQ4's set_rows/cpy/get_rows/F16 pre-conversion kernels are upstream's templates with NSQ4's arguments
-    substituted, token for token: ggml-metal-ops.cpp dispatches them with the same arguments and grid."""
+def for_nsq3(entry):
+    ours, template, file, args = entry
+    return (ours.replace("nsq4", "nsq3"), template, file,
+            {param: arg.replace("nsq4", "nsq3").replace("NSQ4", "NSQ3") for param, arg in args.items()})
+
+
+# NSQ3's, in the same library: the same templates with NSQ3's block, QK_NSQ3 and block functions (nl = 4 too)
+TEMPLATES = NSQ4_TEMPLATES + [for_nsq3(entry) for entry in NSQ4_TEMPLATES]
+
+
+def template_with_args(pristine: Files, template: str, file: str, args: dict[str, str]) -> str:
     want = kernel_text(pristine[f"ggml-metal/kernels/{file}"], template)
     for param, arg in args.items():
         want = re.sub(r"\b" + param + r"\b", arg, want)
+    return want
+
+
+@pytest.mark.parametrize("ours,template,file,args", TEMPLATES, ids=[t[0] for t in TEMPLATES])
+def test_nsq_kernels_follow_upstreams_templates(pristine, patched, ours, template, file, args):
+    """The set_rows/cpy/get_rows/F16 pre-conversion kernels of NSQ4 and NSQ3 are upstream's templates with the
+    type's arguments substituted, token for token: ggml-metal-ops.cpp dispatches them with the same arguments and
+    grid."""
+    want = template_with_args(pristine, template, file, args)
     assert kernel_text(patched["ggml-metal/kernels/nsq4.metal"], ours) == want
+
+
+def test_a_kernel_off_its_template_would_be_caught(pristine, patched):
+    """Negative control: NSQ3's get_rows kernel indexing its blocks as if they held 32 values differs from the
+    template with NSQ3's arguments."""
+    ours, template, file, args = for_nsq3(NSQ4_TEMPLATES[3])
+    assert ours == "kernel_get_rows_nsq3"
+    source = patched["ggml-metal/kernels/nsq4.metal"]
+    good = kernel_text(source, ours)
+    assert good.count("psrc + ind/4, ind%4") == 1
+    broken = source.replace(good.split("{", 1)[1][:0] + "dequantize_nsq3(psrc + ind/4, ind%4, temp)",
+                            "dequantize_nsq3(psrc + ind/2, ind%2, temp)")
+    assert kernel_text(broken, ours) != template_with_args(pristine, template, file, args)
+
+
+def syntax_check_host(cxx: str, upstream: Path, source: Path) -> subprocess.CompletedProcess:
+    ggml = upstream / "vendor/llama.cpp/ggml"
+    cmd = [cxx, "-std=c++17", "-fsyntax-only", "-w", "-I", str(ggml / "include"), "-I", str(ggml / "src"),
+           "-I", str(ggml / "src/ggml-metal"), str(source)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("name", ["ggml-metal-device.cpp", "ggml-metal-ops.cpp"])
+def test_metal_host_cpp_compiles(upstream_tree, cxx, name):
+    """The C++ of ggml-metal that the patches change (the mixed K/V pair's kernel names and V's own F16
+    pre-conversion) compiles on the host (g++ -fsyntax-only: it needs no Apple header)."""
+    proc = syntax_check_host(cxx, upstream_tree, upstream_tree / SRC / "ggml-metal" / name)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_metal_host_cpp_check_catches_a_wrong_call(upstream_tree, cxx, tmp_path):
+    """Negative control: ggml-metal-ops.cpp calling the F16 pre-conversion's getter without saying K or V (its
+    arity before the NSQ3 patch) does not compile."""
+    text = (upstream_tree / SRC / "ggml-metal" / "ggml-metal-ops.cpp").read_text()
+    call = "ggml_metal_library_get_pipeline_flash_attn_ext_kv_f16(lib, op, 2)"
+    assert text.count(call) == 1
+    broken = tmp_path / "ggml-metal-ops.cpp"
+    broken.write_text(text.replace(call, "ggml_metal_library_get_pipeline_flash_attn_ext_kv_f16(lib, op)"))
+    proc = syntax_check_host(cxx, upstream_tree, broken)
+    assert proc.returncode != 0 and "ggml_metal_library_get_pipeline_flash_attn_ext_kv_f16" in proc.stderr

@@ -1,6 +1,7 @@
-// Type-checks NSQ4's Metal kernels, the patched kernels/nsq4.metal without its includes (nsq4_metal_kernels.h),
-// on the host (g++ -fsyntax-only): the names, argument structs (ggml-metal-impl.h) and types they use, and every
-// instantiation of their templates. Only the Metal compiler can check the rest (attributes, address spaces).
+// Type-checks the NSQ family's Metal kernels (NSQ4's and NSQ3's), the patched kernels/nsq4.metal without its
+// includes (nsq_metal_kernels.h), on the host (g++ -fsyntax-only): the names, argument structs (ggml-metal-impl.h)
+// and types they use, and every instantiation of their templates. Only the Metal compiler can check the rest
+// (attributes, address spaces).
 #include <metal_stdlib>
 
 #define kernel
@@ -23,5 +24,5 @@ typedef vec3<ushort> ushort3;
 #define GGML_METAL_NSQ4
 #include "ggml-common.h"
 
-#include "nsq4_metal_blocks.h"
-#include "nsq4_metal_kernels.h"
+#include "nsq_metal_blocks.h"
+#include "nsq_metal_kernels.h"
