@@ -250,7 +250,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     report["plots"] = [str(p) for p in plot(report, out, title)]
     json_path = Path(args.json) if args.json else out / "kv.json"
     json_path.write_text(json.dumps(report, indent=1) + "\n")
-    centered = f", nsq4/nsq3 K centered by {report['nsq_calib']}" if report["nsq_calib"] else ""
+    centered = (f", {'/'.join(t for t in NSQ_TYPES if t in types)} K centered by {report['nsq_calib']}"
+                if report["nsq_calib"] else "")
     print(f"{title}: {report['n_layer']} layers, {report['n_head_kv']} KV heads of {report['head_dim_k']}, "
           f"rotation {report['rotation']}{centered}")
     print(format_table(report))

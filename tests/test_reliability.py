@@ -1,6 +1,7 @@
 """Every KV-cache operation llama.cpp offers, with K and V in NSQ4, on SmolLM2 through the low-level llama_cpp API:
 state save/load (memory, file, one sequence), sequence removal and copy, parallel sequences in one batch and the
-context shift (K re-roped in place, through upstream's Hadamard rotation), each with the rotation on and off.
+context shift (K re-roped in place, through upstream's Hadamard rotation), each with the rotation on and off; the
+state of a centered NSQ3 cache; bad configurations (NSQ4 and NSQ3).
 """
 from __future__ import annotations
 
