@@ -20,16 +20,23 @@ from typing import Callable, Iterator, Optional, Union
 
 # --- cache types ------------------------------------------------------------------------------------------------------
 
+# nsq-local's types: as shipped, a K cache of one is centered by a calibration (nsq_local.calibrate)
+NSQ_TYPES = ("nsq4", "nsq3")
 # llama.cpp's `-ctk/-ctv` choices, plus ours; any other ggml type name is accepted by llama_cpp as well
-CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1", "nsq4")
-# nsq4 as shipped centers K by a calibration (nsq_local.calibrate); the measuring tools take this name for the same
-# K cache without centering, to show what centering is worth
-UNCENTERED = "nsq4-uncentered"
+CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1", *NSQ_TYPES)
+# the measuring tools take these names for the same K caches without centering, to show what centering is worth
+_UNCENTERED_SUFFIX = "-uncentered"
+UNCENTERED = tuple(t + _UNCENTERED_SUFFIX for t in NSQ_TYPES)
 
 
 def storage_type(name: str) -> str:
     """The ggml type a measured cache-type name stores its values in."""
-    return "nsq4" if name == UNCENTERED else name
+    return name[:-len(_UNCENTERED_SUFFIX)] if name in UNCENTERED else name
+
+
+def centers_k(type_k: Union[str, int]) -> bool:
+    """Whether llama.cpp centers a K cache of this ggml type (name or GGML_TYPE_* value) by a calibration."""
+    return type_id(type_k) in {type_id(t) for t in NSQ_TYPES}
 
 
 def type_id(name: Union[str, int]) -> int:
@@ -64,7 +71,7 @@ def flash_attn_type(flash_attn: Optional[bool]) -> int:
 # --- the environment llama.cpp reads ----------------------------------------------------------------------------------
 
 ROT_DISABLE_ENV = "LLAMA_ATTN_ROT_DISABLE"  # "1": no Hadamard rotation of a quantized cache (read as it is created)
-NSQ_CALIB_ENV = "LLAMA_NSQ_CALIB"  # the calibration an nsq4 K cache is centered by ("": none)
+NSQ_CALIB_ENV = "LLAMA_NSQ_CALIB"  # the calibration an nsq4 or nsq3 K cache is centered by ("": none)
 
 
 @contextmanager

@@ -34,8 +34,9 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 import numpy.typing as npt
 
-from nsq_local._common import (DEVICE_TYPES, NSQ_CALIB_ENV, ROT_DISABLE_ENV, LogTap, flash_attn_type, ggml_base,
-                               ggml_graph_api, ggml_registry, is_quantized, log_verbosity, scoped_env, type_id)
+from nsq_local._common import (DEVICE_TYPES, NSQ_CALIB_ENV, ROT_DISABLE_ENV, LogTap, centers_k, flash_attn_type,
+                               ggml_base, ggml_graph_api, ggml_registry, is_quantized, log_verbosity, scoped_env,
+                               type_id)
 
 _STATE_MAGIC = 0xAF143CD8
 _ROT_LINE = re.compile(r"attn_rot_([kv]) = (\d)")
@@ -211,11 +212,10 @@ def context_params(n_ctx: int, type_k: str = "f16", type_v: str = "f16", flash_a
 
 def cache_env(type_k: int, rotation: bool, nsq_calib: Optional[Path]) -> dict[str, Optional[str]]:
     """The environment llama.cpp reads as it creates a cache with K of ggml type type_k: LLAMA_ATTN_ROT_DISABLE=1
-    without rotation (else what the environment says), and for an nsq4 K the calibration ("": not centered)."""
-    import llama_cpp
-
+    without rotation (else what the environment says), and for an nsq4 or nsq3 K the calibration ("": not
+    centered)."""
     env = {} if rotation else {ROT_DISABLE_ENV: "1"}
-    if type_k == llama_cpp.GGML_TYPE_NSQ4:
+    if centers_k(type_k):
         env[NSQ_CALIB_ENV] = os.fspath(nsq_calib or "")
     return env
 
@@ -224,8 +224,8 @@ class Decoder:
     """A Model and one llama.cpp context with a given KV cache, driven by llama_decode.
 
     rotation=False sets LLAMA_ATTN_ROT_DISABLE=1 while the context is created (upstream reads it then);
-    `attn_rot` tells what llama.cpp reported: {'k': bool, 'v': bool}. nsq_calib (an nsq4 K cache only) is what
-    llama_cpp.Llama takes: None for the default calibration, a file from nsq-calibrate, False for none; the
+    `attn_rot` tells what llama.cpp reported: {'k': bool, 'v': bool}. nsq_calib (an nsq4 or nsq3 K cache only) is
+    what llama_cpp.Llama takes: None for the default calibration, a file from nsq-calibrate, False for none; the
     `nsq_calib` attribute is the file the keys are centered by, or None. device: the ggml device that holds the model
     and its cache (model_params; None: llama.cpp's default).
     """
@@ -266,15 +266,13 @@ class Decoder:
             self.attn_rot[m.group(1)] = m.group(2) == "1"
 
     def _calibration(self, type_k: int, nsq_calib: NsqCalib) -> Optional[Path]:
-        import llama_cpp
-
-        if type_k == llama_cpp.GGML_TYPE_NSQ4:
+        if centers_k(type_k):
             from nsq_local import calibrate
 
             # as llama_cpp.Llama does it: centered by default
             return calibrate.resolve(self.model.path, self.model.ptr, nsq_calib)
         if nsq_calib:
-            raise ValueError(f"an NSQ4 calibration applies to an nsq4 K cache, not {self.type_k}")
+            raise ValueError(f"an NSQ calibration applies to an nsq4 or nsq3 K cache, not {self.type_k}")
         return None
 
     def __enter__(self) -> "Decoder":
@@ -490,7 +488,7 @@ def read_cache(decoder: Decoder, seq_id: int = 0) -> list[CacheLayer]:
     layers: list[CacheLayer] = []
     for _ in range(n_layer):
         k_type, row = take("iQ")
-        if k_type == llama_cpp.GGML_TYPE_NSQ4:
+        if centers_k(k_type):
             take("Q")  # which calibration the keys are centered by
         rows = np.frombuffer(data, np.uint8, cells * row, off).reshape(cells, row)
         off += cells * row

@@ -1,7 +1,8 @@
-"""nsq-chat: offline chat with a GGUF model and an NSQ4 (or any ggml) KV cache.
+"""nsq-chat: offline chat with a GGUF model and an NSQ4 (or NSQ3, or any ggml) KV cache.
 
     nsq-chat                                  # the bundled demo model (SmolLM2-135M-Instruct), nsq4 cache
     nsq-chat model.gguf --cache-type nsq4     # your model
+    nsq-chat -ctk nsq3 -ctv nsq3              # 3.25 bits a value instead of nsq4's 4.25
     nsq-chat -p "Why is the sky blue?"        # one answer, then exit
 
 In a conversation: /reset starts over, /stats shows the cache and the speed of the last answer, /exit or Ctrl-D
@@ -26,8 +27,8 @@ from nsq_local.cquant import bits_per_value
 
 # the memory a llama.cpp KV cache really takes, as it reports it when it allocates the cache
 _KV_LINE = re.compile(r"llama_kv_cache: size = .*?K \((\w+)\):\s*([0-9.]+) MiB, V \((\w+)\):\s*([0-9.]+) MiB")
-# an nsq4 cache with wider layers (per-layer precision) says its average bits first
-_LAYER_BITS = re.compile(r"nsq4: per-layer precision from .*bits/value on average: K ([0-9.]+), V ([0-9.]+)")
+# an nsq4 or nsq3 cache with wider layers (per-layer precision) says its average bits first
+_LAYER_BITS = re.compile(r"nsq: per-layer precision from .*bits/value on average: K ([0-9.]+), V ([0-9.]+)")
 
 
 @dataclass
@@ -56,7 +57,7 @@ class KVCacheSize:
         if m:
             self.type_k, self.type_v = m.group(1), m.group(3)
             k_mib, v_mib = float(m.group(2)), float(m.group(4))
-            # wider layers raise the average: the named type's bits would count them as nsq4
+            # wider layers raise the average: the named type's bits would count them as nsq4 (or nsq3)
             bits_k, bits_v = self._layer_bits or (bits_per_value(self.type_k), bits_per_value(self.type_v))
             self.k_mib += k_mib
             self.v_mib += v_mib
@@ -101,8 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("-fa", "--flash-attn", choices=list(FLASH_ATTN), default="auto",
                     help="flash attention (default: auto = on when the V cache is quantized, which requires it)")
     ap.add_argument("--nsq-calib", metavar="FILE|none",
-                    help="K-mean calibration of an nsq4 K cache (from nsq-calibrate); default: made once per model "
-                         "from Python's documentation and kept in ~/.cache/nsq-local; none: no centering")
+                    help="K-mean calibration of an nsq4 or nsq3 K cache (from nsq-calibrate); default: made once per "
+                         "model from Python's documentation and kept in ~/.cache/nsq-local; none: no centering")
     ap.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: llama.cpp's choice)")
     ap.add_argument("-n", "--n-predict", type=int, default=512, help="most tokens per answer (default: 512)")
     ap.add_argument("--temp", type=float, default=0.7, help="sampling temperature, 0 = greedy (default: 0.7)")
@@ -250,7 +251,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except FileNotFoundError as e:  # ModelNotInstalled included
         return fail(str(e))
 
-    # Llama centers an nsq4 K cache by default (the calibration cached per model file); "none" turns it off
+    # Llama centers an nsq4 or nsq3 K cache by default (the calibration cached per model file); "none" turns it off
     calib = nsq_calib_arg(args.nsq_calib)
     try:
         llm, kv = open_llama(

@@ -1,6 +1,6 @@
 """nsq-kv: look inside a model's KV cache: how hard its K and V are to quantize, and what each cache type loses.
 
-    nsq-kv -m model.gguf -f wiki.test.raw -c 512 --types f16,q8_0,q4_0,iq4_nl,nsq4 --out kv-report
+    nsq-kv -m model.gguf -f wiki.test.raw -c 512 --types f16,q8_0,q4_0,iq4_nl,nsq4,nsq3 --out kv-report
 
 The model runs the first -c tokens of the text once (nsq_local.capture: Q, post-RoPE K and V as llama.cpp stores
 them in its cache). Then, in numpy (nsq_local.cache_sim: the cache's rotation, round trip and attention):
@@ -13,9 +13,10 @@ them in its cache). Then, in numpy (nsq_local.cache_sim: the cache's rotation, r
   outlier channels;
 
   per cache type, K and V are stored as llama.cpp stores them (rotated when upstream rotates that type, unless
-  --no-rot; quantized row by row with ggml's CPU quantizer, nsq4 with nsq_local.reference; an nsq4 K centered by
-  its layer's calibrated mean as shipped, see --nsq-calib, and nsq4-uncentered without), dequantized and rotated
-  back:
+  --no-rot; quantized row by row with ggml's CPU quantizer, nsq4 with nsq_local.reference; an nsq4 or nsq3 K
+  centered by its layer's calibrated mean as shipped, see --nsq-calib, and nsq4-uncentered or nsq3-uncentered
+  without), dequantized and rotated back:
+    bits          what the type stores per value
     k_err, v_err  relative RMS reconstruction error sqrt(sum (x' - x)^2 / sum x^2), per layer and KV head
     attn_cos      mean cosine similarity, over tokens and query heads, of causal softmax attention outputs
                   computed with the real Q and the original vs the dequantized K and V (scale 1/sqrt(head size);
@@ -37,11 +38,11 @@ import numpy as np
 import numpy.typing as npt
 
 from nsq_local import calibrate, capture, cquant
-from nsq_local._common import (CACHE_TYPES, EXIT_USAGE, UNCENTERED, UsageError, is_quantized, nsq_calib_arg, pyplot,
-                               storage_type)
+from nsq_local._common import (CACHE_TYPES, EXIT_USAGE, NSQ_TYPES, UNCENTERED, UsageError, is_quantized,
+                               nsq_calib_arg, pyplot, storage_type)
 from nsq_local.cache_sim import attention, cosine, rel_err, rot_block_k, rot_block_v, rotate, roundtrip
 
-DEFAULT_TYPES = ("f16", "q8_0", "q4_0", "iq4_nl", "nsq4", UNCENTERED)
+DEFAULT_TYPES = ("f16", "q8_0", "q4_0", "iq4_nl", "nsq4", "nsq4-uncentered", "nsq3", "nsq3-uncentered")
 
 
 def head_stats(x: npt.NDArray[np.float32]) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
@@ -57,7 +58,8 @@ def analyse(qkv: capture.QKV, types: Sequence[str], rotation: bool = True, progr
             k_means: Optional[Sequence[npt.NDArray[np.float32]]] = None) -> dict:
     """The statistics and per-type errors of captured Q/K/V (see the module doc); a JSON-ready dict.
 
-    k_means: per layer, the flattened mean K (n_head_kv * head_dim) that an nsq4 K cache is centered by, or None."""
+    k_means: per layer, the flattened mean K (n_head_kv * head_dim) that an nsq4 or nsq3 K cache is centered by, or
+    None."""
     hd_k, hd_v = qkv.k[0].shape[-1], qkv.v[0].shape[-1]
     rk, rv = rot_block_k(hd_k), rot_block_v(hd_v)
     stats: dict[str, list] = {f"{w}_{m}_{when}": [] for w in "kv" for m in ("norm_cv", "absmax_ratio")
@@ -76,7 +78,7 @@ def analyse(qkv: capture.QKV, types: Sequence[str], rotation: bool = True, progr
         ref = attention(q, k, v)
         for t in types:
             rot_on = rotated[t]
-            if t == "nsq4" and k_means is not None:
+            if t in NSQ_TYPES and k_means is not None:
                 mean = k_means[il].reshape(k.shape[1:])
                 k2 = roundtrip(t, k - mean, rk if rot_on else None) + mean
             else:
@@ -94,6 +96,7 @@ def analyse(qkv: capture.QKV, types: Sequence[str], rotation: bool = True, progr
             "head_dim_v": hd_v, "n_tokens": int(qkv.k[0].shape[0]), "rot_block_k": rk, "rot_block_v": rv,
             "rotation": "on" if rotation else "off", "stats": stats,
             "types": {t: {**per_type[t], "rotated": rotated[t] and rk is not None,
+                          "bits": cquant.bits_per_value(storage_type(t)),
                           "k_err_mean": float(np.mean(per_type[t]["k_err"])),
                           "v_err_mean": float(np.mean(per_type[t]["v_err"])),
                           "attn_cos_mean": float(np.mean(per_type[t]["attn_cos"]))} for t in types}}
@@ -169,11 +172,12 @@ def format_table(report: dict) -> str:
         lines.append(f"{m + ' mean':<22} " + " ".join(f"{x:>9.3f}" for x in vals))
         lines.append(f"{m + ' max':<22} " + " ".join(f"{x:>9.3f}" for x in maxs))
     lines.append("")
-    head = f"{'cache type':<16} {'rotated':<8} {'K rel err':>10} {'V rel err':>10} {'attn cos':>12} {'1 - cos':>10}"
+    head = (f"{'cache type':<16} {'bits':>5} {'rotated':<8} {'K rel err':>10} {'V rel err':>10} {'attn cos':>12} "
+            f"{'1 - cos':>10}")
     lines += [head, "-" * len(head)]
     for t, r in report["types"].items():
-        lines.append(f"{t:<16} {'yes' if r['rotated'] else 'no':<8} {r['k_err_mean']:>10.5f} {r['v_err_mean']:>10.5f} "
-                     f"{r['attn_cos_mean']:>12.8f} {1 - r['attn_cos_mean']:>10.2e}")
+        lines.append(f"{t:<16} {r['bits']:>5.2f} {'yes' if r['rotated'] else 'no':<8} {r['k_err_mean']:>10.5f} "
+                     f"{r['v_err_mean']:>10.5f} {r['attn_cos_mean']:>12.8f} {1 - r['attn_cos_mean']:>10.2e}")
     return "\n".join(lines)
 
 
@@ -188,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-rot", action="store_true",
                     help="store every type without upstream's rotation (as with LLAMA_ATTN_ROT_DISABLE=1)")
     ap.add_argument("--nsq-calib", metavar="FILE|none",
-                    help="K means (from nsq-calibrate) that the nsq4 K cache is centered by (default: the "
+                    help="K means (from nsq-calibrate) that nsq4 and nsq3 K caches are centered by (default: the "
                          "calibration llama_cpp.Llama uses by default; none: not centered)")
     ap.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
     ap.add_argument("--out", default="nsq-kv-out", metavar="DIR", help="folder for the plots (default: nsq-kv-out)")
@@ -201,7 +205,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         types = [t.strip().lower() for t in args.types.split(",") if t.strip()]
-        names = [t for t in CACHE_TYPES if t != "f32"] + [UNCENTERED]
+        names = [t for t in CACHE_TYPES if t != "f32"] + list(UNCENTERED)
         if not types or any(t not in names for t in types):
             raise UsageError(f"--types {args.types!r}: use cache types from: {', '.join(names)}")
         model, text = Path(args.model), Path(args.file)
@@ -215,7 +219,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             # bytes, then decode: no newline translation, the text llama.cpp tools read
             tokens = m.tokenize(text.read_bytes().decode("utf-8", errors="replace"))
             calib = None
-            if "nsq4" in types:
+            if any(t in NSQ_TYPES for t in types):
                 calib = calibrate.resolve(model, m.ptr, nsq_calib_arg(args.nsq_calib))
         if len(tokens) < args.ctx_size:
             raise UsageError(f"the text has {len(tokens)} tokens, fewer than -c {args.ctx_size}")
@@ -246,7 +250,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     report["plots"] = [str(p) for p in plot(report, out, title)]
     json_path = Path(args.json) if args.json else out / "kv.json"
     json_path.write_text(json.dumps(report, indent=1) + "\n")
-    centered = f", nsq4 K centered by {report['nsq_calib']}" if report["nsq_calib"] else ""
+    centered = (f", {'/'.join(t for t in NSQ_TYPES if t in types)} K centered by {report['nsq_calib']}"
+                if report["nsq_calib"] else "")
     print(f"{title}: {report['n_layer']} layers, {report['n_head_kv']} KV heads of {report['head_dim_k']}, "
           f"rotation {report['rotation']}{centered}")
     print(format_table(report))

@@ -1,6 +1,6 @@
 """nsq-ppl: what a KV-cache type costs in perplexity and KL divergence, measured on logits that read the cache.
 
-    nsq-ppl -m model.gguf -f wiki.test.raw -c 2048 --chunks 8 -ctk nsq4 -ctv nsq4 -ctk q4_0 -ctv q4_0
+    nsq-ppl -m model.gguf -f wiki.test.raw -c 2048 --chunks 8 -ctk nsq4 -ctv nsq4 -ctk nsq3 -ctv nsq3
     nsq-ppl -m model.gguf -f wiki.test.raw --chunks 2 -ctk nsq4 -ctv nsq4 --sweep-ctx 512,1024,2048,4096,8192
 
 Scheme. The text is tokenized once and cut into windows of -c tokens (the first token of a window becomes BOS when
@@ -19,8 +19,8 @@ token is the baseline's, tokens scored and seconds. -ctk/-ctv are given in pairs
 
 Upstream rotates a quantized K/V cache with a Hadamard transform; --no-rot sets LLAMA_ATTN_ROT_DISABLE=1 for the
 contexts this tool creates, and the report shows what llama.cpp reported (attn_rot_k/attn_rot_v) for each type.
-An nsq4 K cache is measured as shipped: centered by the calibration llama_cpp.Llama uses by default (--nsq-calib
-picks a file); -ctk nsq4-uncentered is the same cache without centering.
+An nsq4 or nsq3 K cache is measured as shipped: centered by the calibration llama_cpp.Llama uses by default
+(--nsq-calib picks a file); -ctk nsq4-uncentered (nsq3-uncentered) is the same cache without centering.
 
 --sweep-ctx runs the whole measurement for each window size in the list (each with --chunks windows) and plots
 ΔPPL and mean KLD against the context length per cache type (PNG, --plot).
@@ -39,7 +39,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import numpy.typing as npt
 
-from nsq_local._common import (CACHE_TYPES, EXIT_USAGE, FLASH_ATTN, UNCENTERED, UsageError, is_quantized,
+from nsq_local._common import (CACHE_TYPES, EXIT_USAGE, FLASH_ATTN, NSQ_TYPES, UNCENTERED, UsageError, is_quantized,
                                nsq_calib_arg, pyplot, storage_type)
 from nsq_local.capture import Decoder, LlamaError, Model
 
@@ -86,7 +86,7 @@ class TypeResult:
     type_v: str
     attn_rot_k: bool = False
     attn_rot_v: bool = False
-    nsq_calib: Optional[str] = None  # the file an nsq4 K cache was centered by
+    nsq_calib: Optional[str] = None  # the file an nsq4 or nsq3 K cache was centered by
     ppl: float = math.nan
     delta_ppl: Optional[float] = None
     kld_mean: Optional[float] = None
@@ -169,7 +169,7 @@ def evaluate(model: Path, tokens: npt.NDArray[np.int32], n_ctx: int, chunks: int
         for tk, tv in [("f16", "f16"), *pairs]:
             decoders.append(Decoder(model, n_ctx=n_ctx, type_k=storage_type(tk), type_v=tv, flash_attn=flash_attn,
                                     n_threads=n_threads, n_ubatch=n_ubatch, rotation=rotation, verbose=verbose,
-                                    nsq_calib=False if tk == UNCENTERED else nsq_calib if tk == "nsq4" else None,
+                                    nsq_calib=False if tk in UNCENTERED else nsq_calib if tk in NSQ_TYPES else None,
                                     device=device))
         accs = [_Acc() for _ in decoders]
         prog = Progress(n_win * len(decoders), f"nsq-ppl -c {n_ctx}")
@@ -255,7 +255,7 @@ def cache_pairs(ctk: Optional[list[str]], ctv: Optional[list[str]]) -> list[tupl
     ctv = ctv or ["f16"] * len(ctk)
     for flag, names in (("-ctk", ctk), ("-ctv", ctv)):
         for t in names:
-            names = CACHE_TYPES + ((UNCENTERED,) if flag == "-ctk" else ())
+            names = CACHE_TYPES + (UNCENTERED if flag == "-ctk" else ())
             if t not in names:
                 raise UsageError(f"unknown cache type {flag} {t}; use one of: {', '.join(names)}")
     return list(zip(ctk, ctv))
@@ -288,8 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-rot", action="store_true",
                     help="turn off upstream's Hadamard rotation of quantized K/V (LLAMA_ATTN_ROT_DISABLE=1)")
     ap.add_argument("--nsq-calib", metavar="FILE|none",
-                    help="K means (from nsq-calibrate) that nsq4 K caches are centered by (default: the calibration "
-                         "llama_cpp.Llama uses by default; none: not centered)")
+                    help="K means (from nsq-calibrate) that nsq4 and nsq3 K caches are centered by (default: the "
+                         "calibration llama_cpp.Llama uses by default; none: not centered)")
     ap.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
     ap.add_argument("-ub", "--ubatch-size", type=int, default=512, help="physical batch size (default: 512)")
     ap.add_argument("--sweep-ctx", metavar="N,N,...", help="long-context mode: run each window size in the list")
@@ -310,8 +310,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             pyplot()  # fail before the long run, not after it
         model, text = Path(args.model), Path(args.file)
         calib = nsq_calib_arg(args.nsq_calib)
-        if calib is not None and not any(tk == "nsq4" for tk, _ in pairs):
-            raise UsageError("--nsq-calib centers an nsq4 K cache: add -ctk nsq4")
+        if calib is not None and not any(tk in NSQ_TYPES for tk, _ in pairs):
+            raise UsageError("--nsq-calib centers an nsq4 or nsq3 K cache: add -ctk nsq4 or -ctk nsq3")
         for what, p in (("model", model), ("text", text), ("calibration", calib or None)):
             if p is not None and not p.is_file():
                 raise UsageError(f"{what} file {p} does not exist")
@@ -349,7 +349,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"\n{model.name}: -c {run['n_ctx']} (prefix {run['prefix']} in pass 1), {windows}, "
               f"{run['tokens_scored']} tokens scored, flash attention {args.flash_attn}, rotation {rotation}")
         for r in run["results"]:
-            if r["type_k"] == "nsq4":
+            if r["type_k"] in NSQ_TYPES:
                 print(f"{r['type_k']}/{r['type_v']}: K " + (f"centered by {r['nsq_calib']}" if r["nsq_calib"]
                                                             else "not centered"))
         print(format_table(run))

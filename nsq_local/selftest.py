@@ -1,18 +1,18 @@
-"""nsq-selftest: checks NSQ4 on every ggml device of this build and writes a report to send back.
+"""nsq-selftest: checks NSQ4 and NSQ3 on every ggml device of this build and writes a report to send back.
 
     nsq-selftest                      # every device, the demo model; report in nsq-selftest.json
     nsq-selftest -m model.gguf -t 8 --json report.json
 
 For each device ggml finds (the CPU always; CUDA, Metal, Vulkan, ... where the build has them):
 
-  ops     NSQ4's operations on random and adversarial data against nsq_local.reference, the numpy reference:
-          set_rows and cpy f32 -> nsq4 must give the reference's blocks bit for bit, get_rows and cpy nsq4 -> f32
-          its values exactly, flash attention over an NSQ4 cache (head sizes 64, 128, 256, grouped-query, masked,
-          decode and prefill, V nsq4 or f16, K centered or not) the attention over the cache's values within the
-          bound stated in the report. An op the device does not support is reported as such: ggml runs it on the
-          CPU, which is not a failure.
-  model   one KLD window of the model (f16 cache as the baseline, nsq4 and q4_0 caches measured against it, as
-          nsq-ppl measures) with every layer and the cache on the device, and the decode speed of f16, q4_0 and
+  ops     NSQ4's and NSQ3's operations on random and adversarial data against nsq_local.reference, the numpy
+          reference: set_rows and cpy f32 -> nsq4/nsq3 must give the reference's blocks bit for bit, get_rows and
+          cpy nsq4/nsq3 -> f32 its values exactly, flash attention over an NSQ4 or NSQ3 cache (head sizes 64, 128,
+          256, grouped-query, masked, decode and prefill, V of the same type or f16, K centered or not) the
+          attention over the cache's values within the bound stated in the report. An op the device does not
+          support is reported as such: ggml runs it on the CPU, which is not a failure.
+  model   one KLD window of the model (f16 cache as the baseline, nsq4, nsq3 and q4_0 caches measured against it,
+          as nsq-ppl measures) with every layer and the cache on the device, and the decode speed of f16, q4_0 and
           nsq4 caches after a prefill of --depth tokens.
 
 The report (versions, devices, one line per check with its figures) goes to stdout and, as JSON, to --json; the
@@ -38,8 +38,8 @@ import numpy as np
 import numpy.typing as npt
 
 from nsq_local import reference as ref
-from nsq_local._common import (DEVICE_TYPES, EXIT_USAGE, GGML_PREC_F32, InitParams, UsageError, ggml_graph_api,
-                               ggml_registry, type_id)
+from nsq_local._common import (DEVICE_TYPES, EXIT_USAGE, GGML_PREC_F32, NSQ_TYPES, InitParams, UsageError,
+                               ggml_graph_api, ggml_registry, type_id)
 
 PASS, FAIL, UNSUPPORTED, SKIPPED = "pass", "fail", "unsupported", "skipped"
 UNSUPPORTED_NOTE = "not supported on this device, runs on the CPU"
@@ -47,8 +47,9 @@ ROW = 128  # values per row in the store/read checks: two blocks, as a head of 1
 
 # Flash attention's bounds on max|error|, in units of the case's largest |V|. The reference is the attention in
 # float64 over exactly the values the cache holds (the reference's dequantization, plus the mean for centered K).
-# float32 path: the CPU reads NSQ4 K and V in float32 and accumulates in float32; its largest measured error over
-# these cases is 4.3e-7 (2026-12-02, AVX2), and 1e-5 leaves a margin of 23.
+# float32 path: the CPU reads NSQ4 and NSQ3 K and V in float32 and accumulates in float32; its largest measured
+# error over these cases is 4.3e-7 with NSQ4 (AVX2), 7.7e-7 with NSQ3 (generic C) (2026-12-02), and 1e-5 leaves a
+# margin of 13.
 FATTN_BOUND_F32 = 1e-5
 # reduced-precision path: the CPU accumulates an f16 V in fp16 (upstream's code), measured at most 2.2e-3; GPU kernels
 # round Q and V further: CUDA's decode kernel takes Q in q8_1 and V in fp16 (Metal's, Q, K and V in fp16), which,
@@ -56,11 +57,12 @@ FATTN_BOUND_F32 = 1e-5
 # or centering misses by about max|V|, an ignored mask by a good part of it.
 FATTN_BOUND_F16 = 2e-2
 
-# what a working nsq4 cache costs SmolLM2 on a window: mean KLD about 0.03 against the f16 cache (docs/quality.md);
-# a cache that stores or reads wrong blocks gives a KLD above 1
-KLD_LIMIT = 0.1
-# a device's nsq4 KLD against the CPU's on the same window (its own f16 baseline each): GPU arithmetic moves logits
-# a little, a wrong kernel by far more
+# what a working cache costs SmolLM2 on a window, against the f16 cache: mean KLD about 0.03 for nsq4
+# (docs/quality.md), 0.14 for nsq3 (the default window, 2026-12-02); a cache that stores or reads wrong blocks gives
+# a KLD above 1
+KLD_LIMIT = {"nsq4": 0.1, "nsq3": 0.3}
+# a device's KLD of each type against the CPU's on the same window (its own f16 baseline each): GPU arithmetic moves
+# logits a little, a wrong kernel by far more
 KLD_DEVICE_RATIO = 1.5
 KLD_DEVICE_SLACK = 0.01
 
@@ -72,6 +74,27 @@ class Check:
     status: str
     detail: str = ""
     figures: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class NsqType:
+    """One of nsq-local's cache types, with its tables and its numpy reference (nsq_local.reference)."""
+
+    name: str
+    block_bytes: int
+    kvalues: npt.NDArray[np.int64]
+    kscales: npt.NDArray[np.int64]
+    quantize: Callable[[npt.ArrayLike], npt.NDArray[np.uint8]]
+    dequantize: Callable[[npt.ArrayLike], npt.NDArray[np.float32]]
+
+
+# the reference's functions are looked up at each call: a test replaces one to see the checks fail
+NSQ = {t.name: t for t in (
+    NsqType("nsq4", ref.BLOCK_BYTES, ref.KVALUES, ref.KSCALES, lambda x: ref.quantize(x), lambda b: ref.dequantize(b)),
+    NsqType("nsq3", ref.NSQ3_BLOCK_BYTES, ref.NSQ3_KVALUES, ref.NSQ3_KSCALES, lambda x: ref.quantize_nsq3(x),
+            lambda b: ref.dequantize_nsq3(b)),
+)}
+assert tuple(NSQ) == NSQ_TYPES
 
 
 # --- devices ----------------------------------------------------------------------------------------------------------
@@ -187,8 +210,8 @@ class OpGraph:
 # --- data -------------------------------------------------------------------------------------------------------------
 
 
-def block_values(seed: int = 1) -> tuple[npt.NDArray[np.float32], list[str]]:
-    """Blocks of 64 values to store (n, 64), and what each is: random, adversarial, and values on the quantizer's
+def block_values(t: NsqType, seed: int = 1) -> tuple[npt.NDArray[np.float32], list[str]]:
+    """Blocks of 64 values to store in type t (n, 64), and what each is: random, adversarial, and values on t's
     code-search ties."""
     rng = np.random.default_rng(seed)
     n = 128
@@ -221,7 +244,7 @@ def block_values(seed: int = 1) -> tuple[npt.NDArray[np.float32], list[str]]:
 
     # 16*xg > (kv[m]+kv[m+1])*S holds with equality when xg = mid*S/16: a block whose max is 2047 puts each such
     # integer on the grid exactly, so the nearest-entry search meets its ties
-    mids = (ref.KVALUES[:-1] + ref.KVALUES[1:])[None, :] * ref.KSCALES[:, None]
+    mids = (t.kvalues[:-1] + t.kvalues[1:])[None, :] * t.kscales[:, None]
     on_ties = (mids[mids % 16 == 0] // 16).astype(np.float64)
     on_ties = on_ties[np.abs(on_ties) <= ref.GRID]
     ties = rng.choice(on_ties, (32, 64))
@@ -240,13 +263,13 @@ def block_values(seed: int = 1) -> tuple[npt.NDArray[np.float32], list[str]]:
     return blocks, labels
 
 
-def raw_blocks(seed: int = 2, n: int = 256) -> npt.NDArray[np.uint8]:
-    """NSQ4 blocks of random bytes with a finite d (fp16 subnormals, zero and 65504 among them): every code and
+def raw_blocks(t: NsqType, seed: int = 2, n: int = 256) -> npt.NDArray[np.uint8]:
+    """Blocks of type t of random bytes with a finite d (fp16 subnormals, zero and 65504 among them): every code and
     scale a cache can hold, not only those the quantizer makes."""
     rng = np.random.default_rng(seed)
     d_bits = rng.integers(0, 0x7C00, n, dtype=np.uint16) | (rng.integers(0, 2, n, dtype=np.uint16) << 15)
     d_bits[:4] = [0x0000, 0x0001, 0x03FF, 0x7BFF]  # zero, smallest and largest subnormal, fp16 max
-    out = rng.integers(0, 256, (n, ref.BLOCK_BYTES), dtype=np.uint8)
+    out = rng.integers(0, 256, (n, t.block_bytes), dtype=np.uint8)
     out[:, :2] = d_bits.astype("<u2").view(np.uint8).reshape(n, 2)
     return out
 
@@ -254,10 +277,11 @@ def raw_blocks(seed: int = 2, n: int = 256) -> npt.NDArray[np.uint8]:
 # --- comparisons ------------------------------------------------------------------------------------------------------
 
 
-def differing_blocks(got: npt.NDArray[np.uint8], want: npt.NDArray[np.uint8]) -> npt.NDArray[np.intp]:
-    """Indices of the NSQ4 blocks (34 bytes each) in which got and want differ in any bit."""
-    g = np.asarray(got, dtype=np.uint8).reshape(-1, ref.BLOCK_BYTES)
-    w = np.asarray(want, dtype=np.uint8).reshape(-1, ref.BLOCK_BYTES)
+def differing_blocks(got: npt.NDArray[np.uint8], want: npt.NDArray[np.uint8],
+                     block_bytes: int) -> npt.NDArray[np.intp]:
+    """Indices of the blocks (block_bytes each) in which got and want differ in any bit."""
+    g = np.asarray(got, dtype=np.uint8).reshape(-1, block_bytes)
+    w = np.asarray(want, dtype=np.uint8).reshape(-1, block_bytes)
     if g.shape != w.shape:
         raise ValueError(f"{g.shape[0]} blocks to compare with {w.shape[0]}")
     return np.flatnonzero((g != w).any(axis=1))
@@ -286,14 +310,14 @@ def attention_f64(q: npt.NDArray, k: npt.NDArray, v: npt.NDArray, mask: npt.NDAr
 # --- op checks --------------------------------------------------------------------------------------------------------
 
 
-def _store_checks(backend: Backend) -> list[Check]:
-    """set_rows and cpy f32 -> nsq4 against the reference's blocks."""
+def _store_checks(backend: Backend, t: NsqType) -> list[Check]:
+    """set_rows and cpy f32 -> t against the reference's blocks."""
     dev = backend.dev.name
-    values, labels = block_values()
+    values, labels = block_values(t)
     rows = values.reshape(-1, ROW)
     n_rows = len(rows)
-    want = ref.quantize(values)
-    row_bytes = ROW // ref.QK * ref.BLOCK_BYTES
+    want = t.quantize(values)
+    row_bytes = ROW // ref.QK * t.block_bytes
     checks = []
 
     # set_rows writes each source row to the cache cell its index names; the cells not named keep what they held
@@ -303,17 +327,17 @@ def _store_checks(backend: Backend) -> list[Check]:
     before = np.full((n_cells, row_bytes), 0xA5, dtype=np.uint8)
 
     def set_rows(g: OpGraph) -> int:
-        dst = g.tensor("nsq4", (ROW, n_cells), before)
+        dst = g.tensor(t.name, (ROW, n_cells), before)
         src = g.tensor("f32", (ROW, n_rows), rows)
         idx = g.tensor("i64", (n_rows,), cells)
         return ggml_graph_api().ggml_set_rows(g.ctx, dst, src, idx)
 
     def cpy(g: OpGraph) -> int:
         src = g.tensor("f32", (ROW, n_rows), rows)
-        dst = g.tensor("nsq4", (ROW, n_rows), np.zeros((n_rows, row_bytes), dtype=np.uint8))
+        dst = g.tensor(t.name, (ROW, n_rows), np.zeros((n_rows, row_bytes), dtype=np.uint8))
         return ggml_graph_api().ggml_cpy(g.ctx, src, dst)
 
-    for name, build in (("set_rows f32 -> nsq4", set_rows), ("cpy f32 -> nsq4", cpy)):
+    for name, build in ((f"set_rows f32 -> {t.name}", set_rows), (f"cpy f32 -> {t.name}", cpy)):
         got = backend.run(build)
         if got is None:
             checks.append(Check(dev, name, UNSUPPORTED, UNSUPPORTED_NOTE))
@@ -325,8 +349,8 @@ def _store_checks(backend: Backend) -> list[Check]:
             got = got[cells]
         else:
             overwritten = 0
-        bad = differing_blocks(got, want)
-        figures = {"blocks": int(want.size // ref.BLOCK_BYTES), "blocks_differing": int(bad.size),
+        bad = differing_blocks(got, want, t.block_bytes)
+        figures = {"blocks": int(want.size // t.block_bytes), "blocks_differing": int(bad.size),
                    "cells_overwritten": overwritten}
         if bad.size or overwritten:
             what = sorted({labels[i] for i in bad})
@@ -339,13 +363,13 @@ def _store_checks(backend: Backend) -> list[Check]:
     return checks
 
 
-def _read_checks(backend: Backend) -> list[Check]:
-    """get_rows and cpy nsq4 -> f32 against the reference's dequantization: exact, since d (fp16) times a table
+def _read_checks(backend: Backend, t: NsqType) -> list[Check]:
+    """get_rows and cpy t -> f32 against the reference's dequantization: exact, since d (fp16) times a table
     entry (int8) is exact in float32."""
     dev = backend.dev.name
-    values, _ = block_values()
-    blocks = np.concatenate([ref.quantize(values).reshape(-1, ref.BLOCK_BYTES), raw_blocks()])
-    row_bytes = ROW // ref.QK * ref.BLOCK_BYTES
+    values, _ = block_values(t)
+    blocks = np.concatenate([t.quantize(values).reshape(-1, t.block_bytes), raw_blocks(t)])
+    row_bytes = ROW // ref.QK * t.block_bytes
     src = blocks[: len(blocks) // 2 * 2].reshape(-1, row_bytes)
     n_rows = len(src)
     rng = np.random.default_rng(4)
@@ -353,17 +377,17 @@ def _read_checks(backend: Backend) -> list[Check]:
     checks = []
 
     def get_rows(g: OpGraph) -> int:
-        a = g.tensor("nsq4", (ROW, n_rows), src)
+        a = g.tensor(t.name, (ROW, n_rows), src)
         idx = g.tensor("i32", (len(picks),), picks)
         return ggml_graph_api().ggml_get_rows(g.ctx, a, idx)
 
     def cpy(g: OpGraph) -> int:
-        a = g.tensor("nsq4", (ROW, n_rows), src)
+        a = g.tensor(t.name, (ROW, n_rows), src)
         dst = g.tensor("f32", (ROW, n_rows), np.zeros((n_rows, ROW), dtype=np.float32))
         return ggml_graph_api().ggml_cpy(g.ctx, a, dst)
 
-    for name, build, want in (("get_rows nsq4 -> f32", get_rows, ref.dequantize(src[picks])),
-                              ("cpy nsq4 -> f32", cpy, ref.dequantize(src))):
+    for name, build, want in ((f"get_rows {t.name} -> f32", get_rows, t.dequantize(src[picks])),
+                              (f"cpy {t.name} -> f32", cpy, t.dequantize(src))):
         got = backend.run(build)
         if got is None:
             checks.append(Check(dev, name, UNSUPPORTED, UNSUPPORTED_NOTE))
@@ -381,10 +405,11 @@ def _read_checks(backend: Backend) -> list[Check]:
 
 @dataclass(frozen=True)
 class FattnCase:
+    type_k: str  # "nsq4" or "nsq3"
     dk: int
     n_q: int  # 1: a decode; more: a prefill
-    type_v: str  # "nsq4" or "f16"
-    centered: bool  # K stored minus its mean, as an nsq4 cache calibrated by nsq-calibrate stores it
+    type_v: str  # type_k or "f16"
+    centered: bool  # K stored minus its mean, as a cache calibrated by nsq-calibrate stores it
     n_kv: int = 256
     n_head: int = 8
     n_head_kv: int = 2
@@ -393,11 +418,11 @@ class FattnCase:
     def name(self) -> str:
         # every case has the same heads (GQA, 4 query heads per KV head): the figures name them
         return (f"flash_attn d{self.dk} {'decode' if self.n_q == 1 else f'prefill {self.n_q}'} "
-                f"K nsq4{' centered' if self.centered else ''} V {self.type_v}")
+                f"K {self.type_k}{' centered' if self.centered else ''} V {self.type_v}")
 
 
-FATTN_CASES = [FattnCase(dk, n_q, tv, centered) for dk in (64, 128, 256) for n_q in (1, 48)
-               for tv in ("nsq4", "f16") for centered in (False, True)]
+FATTN_CASES = [FattnCase(tk, dk, n_q, tv, centered) for tk in NSQ_TYPES for dk in (64, 128, 256) for n_q in (1, 48)
+               for tv in (tk, "f16") for centered in (False, True)]
 
 
 def fattn_data(case: FattnCase, seed: int) -> dict:
@@ -417,12 +442,13 @@ def fattn_data(case: FattnCase, seed: int) -> dict:
     mask[:, n_kv - n_q] = 0.0
     mask = mask.astype(np.float16)
 
+    t = NSQ[case.type_k]
     mean = k.mean(axis=1, keepdims=True) if case.centered else np.zeros((case.n_head_kv, 1, dk), dtype=np.float32)
-    k_blocks = ref.quantize(k - mean)
-    k_stored = ref.dequantize(k_blocks).reshape(k.shape).astype(np.float64)
-    if case.type_v == "nsq4":
-        v_data = ref.quantize(v)
-        v_stored = ref.dequantize(v_data).reshape(v.shape).astype(np.float64)
+    k_blocks = t.quantize(k - mean)
+    k_stored = t.dequantize(k_blocks).reshape(k.shape).astype(np.float64)
+    if case.type_v == t.name:
+        v_data = t.quantize(v)
+        v_stored = t.dequantize(v_data).reshape(v.shape).astype(np.float64)
     else:
         v_data = v.astype(np.float16)
         v_stored = v_data.astype(np.float64)
@@ -437,7 +463,7 @@ def fattn_data(case: FattnCase, seed: int) -> dict:
 
 def fattn_bound(case: FattnCase, kind: str) -> float:
     """The bound of a case on a kind of device, in units of max|V| (see FATTN_BOUND_F32)."""
-    return FATTN_BOUND_F32 if kind == "CPU" and case.type_v == "nsq4" else FATTN_BOUND_F16
+    return FATTN_BOUND_F32 if kind == "CPU" and case.type_v in NSQ else FATTN_BOUND_F16
 
 
 def _fattn_check(backend: Backend, case: FattnCase, seed: int) -> Check:
@@ -446,7 +472,7 @@ def _fattn_check(backend: Backend, case: FattnCase, seed: int) -> Check:
     def build(g: OpGraph) -> int:
         api = ggml_graph_api()
         q = g.tensor("f32", (case.dk, case.n_q, case.n_head), data["q"])
-        k = g.tensor("nsq4", (case.dk, case.n_kv, case.n_head_kv), data["k"])
+        k = g.tensor(case.type_k, (case.dk, case.n_kv, case.n_head_kv), data["k"])
         v = g.tensor(case.type_v, (case.dk, case.n_kv, case.n_head_kv), data["v"])
         mask = g.tensor("f16", (case.n_kv, case.n_q), data["mask"])
         out = api.ggml_flash_attn_ext(g.ctx, q, k, v, mask, data["scale"], 0.0, 0.0)
@@ -473,8 +499,8 @@ def judge_attention(device: str, name: str, got: npt.NDArray[np.float32], data: 
     limit = bound * data["v_max"]
     err = float(np.abs(got - want).max()) if np.isfinite(got).all() else float("inf")
     figures = {"max_err": err, "bound": limit, "v_max": data["v_max"], "nmse": nmse(got, want),
-               # what NSQ4 itself costs this attention (centering's gain shows here): against the keys and values
-               # before quantization
+               # what the cache type itself costs this attention (centering's gain shows here): against the keys
+               # and values before quantization
                "nmse_vs_unquantized": nmse(got, data["unquantized"])}
     status = PASS if err <= limit else FAIL
     return Check(device, name, status, f"max error {err:.3g} (bound {limit:.3g})", figures)
@@ -483,9 +509,10 @@ def judge_attention(device: str, name: str, got: npt.NDArray[np.float32], data: 
 def op_checks(backend: Backend, progress: Callable[[str], None]) -> list[Check]:
     """Every op check on one device; an error in one (ggml's status, an allocation) fails that one, and the others
     still run."""
-    groups: list[tuple[str, Callable[[], list[Check]]]] = [
-        ("set_rows / cpy f32 -> nsq4", lambda: _store_checks(backend)),
-        ("get_rows / cpy nsq4 -> f32", lambda: _read_checks(backend))]
+    groups: list[tuple[str, Callable[[], list[Check]]]] = []
+    for t in NSQ.values():
+        groups += [(f"set_rows / cpy f32 -> {t.name}", lambda t=t: _store_checks(backend, t)),
+                   (f"get_rows / cpy {t.name} -> f32", lambda t=t: _read_checks(backend, t))]
     groups += [(case.name, lambda case=case, seed=100 + i: [_fattn_check(backend, case, seed)])
                for i, case in enumerate(FATTN_CASES)]
     checks = []
@@ -531,27 +558,34 @@ def load_text(model: Path, need: int, verbose: bool) -> ModelRun:
 
 def kld_check(dev: Device, run: ModelRun, n_ctx: int, threads: int, verbose: bool,
               cpu: Optional[Check]) -> Check:
-    """One window, as nsq-ppl measures it: nsq4 and q4_0 caches against an f16 cache, every context on the device."""
+    """One window, as nsq-ppl measures it: nsq4, nsq3 and q4_0 caches against an f16 cache, every context on the
+    device."""
     from nsq_local import ppl
 
     window = run.tokens[KLD_OFFSET:KLD_OFFSET + n_ctx]
-    res = ppl.evaluate(run.path, window, n_ctx, 1, [("nsq4", "nsq4"), ("q4_0", "q4_0")], True, True, threads, 512,
+    types = (*NSQ, "q4_0")
+    res = ppl.evaluate(run.path, window, n_ctx, 1, [(t, t) for t in types], True, True, threads, 512,
                        run.add_bos, run.bos, verbose, None, device=dev.name)
-    nsq4, q4_0 = res["results"]
+    by_type = dict(zip(types, res["results"]))
     figures = {"window": f"tokens {KLD_OFFSET}..{KLD_OFFSET + n_ctx - 1} of the built-in text", "n_ctx": n_ctx,
-               "tokens_scored": res["tokens_scored"], "ppl_f16": res["baseline"]["ppl"],
-               "kld_nsq4": nsq4["kld_mean"], "kld_nsq4_se": nsq4["kld_se"], "top1_nsq4": nsq4["top1_agree"],
-               "kld_q4_0": q4_0["kld_mean"], "kld_q4_0_se": q4_0["kld_se"], "top1_q4_0": q4_0["top1_agree"],
-               "nsq_calib": Path(nsq4["nsq_calib"]).name if nsq4["nsq_calib"] else None}
-    detail = f"KLD nsq4 {nsq4['kld_mean']:.4f}, q4_0 {q4_0['kld_mean']:.4f} (f16 PPL {res['baseline']['ppl']:.3f})"
+               "tokens_scored": res["tokens_scored"], "ppl_f16": res["baseline"]["ppl"]}
+    for t, r in by_type.items():
+        figures.update({f"kld_{t}": r["kld_mean"], f"kld_{t}_se": r["kld_se"], f"top1_{t}": r["top1_agree"]})
+    # one calibration centers every nsq type's K
+    calib = by_type["nsq4"]["nsq_calib"]
+    figures["nsq_calib"] = Path(calib).name if calib else None
+    detail = ("KLD " + ", ".join(f"{t} {r['kld_mean']:.4f}" for t, r in by_type.items())
+              + f" (f16 PPL {res['baseline']['ppl']:.3f})")
     problems = []
-    if not nsq4["kld_mean"] < KLD_LIMIT:
-        problems.append(f"nsq4's KLD is not below {KLD_LIMIT}")
-    if cpu is not None and cpu.status == PASS:
-        limit = KLD_DEVICE_RATIO * cpu.figures["kld_nsq4"] + KLD_DEVICE_SLACK
-        figures["kld_nsq4_cpu"] = cpu.figures["kld_nsq4"]
-        if not nsq4["kld_mean"] <= limit:
-            problems.append(f"nsq4's KLD is above {limit:.4f} ({KLD_DEVICE_RATIO}x the CPU's + {KLD_DEVICE_SLACK})")
+    for t in NSQ:
+        kld = by_type[t]["kld_mean"]
+        if not kld < KLD_LIMIT[t]:
+            problems.append(f"{t}'s KLD is not below {KLD_LIMIT[t]}")
+        if cpu is not None and cpu.status == PASS:
+            limit = KLD_DEVICE_RATIO * cpu.figures[f"kld_{t}"] + KLD_DEVICE_SLACK
+            figures[f"kld_{t}_cpu"] = cpu.figures[f"kld_{t}"]
+            if not kld <= limit:
+                problems.append(f"{t}'s KLD is above {limit:.4f} ({KLD_DEVICE_RATIO}x the CPU's + {KLD_DEVICE_SLACK})")
     if problems:
         return Check(dev.name, "KLD window", FAIL, detail + ": " + "; ".join(problems), figures)
     return Check(dev.name, "KLD window", PASS, detail, figures)
@@ -727,8 +761,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # file names only: the report is sent to a public tracker, and paths name the user's folders
     settings = {"threads": threads, "model": model.name if model else None, "ctx_size": args.ctx_size,
                 "depth": args.depth, "decode_tokens": args.decode_tokens, "ops_only": args.ops_only,
-                "fattn_bound": f"max|error| <= {FATTN_BOUND_F32:g} * max|V| on the CPU with V nsq4 (float32), "
-                               f"{FATTN_BOUND_F16:g} * max|V| otherwise (fp16 or q8_1 arithmetic)"}
+                "fattn_bound": f"max|error| <= {FATTN_BOUND_F32:g} * max|V| on the CPU with V nsq4 or nsq3 "
+                               f"(float32), {FATTN_BOUND_F16:g} * max|V| otherwise (fp16 or q8_1 arithmetic)"}
     report = Report(None if args.json == "-" else Path(args.json), settings)
     report.data["devices"] = [d.as_dict() for d in found]
     cpu_kld: Optional[Check] = None

@@ -1,7 +1,8 @@
-"""nsq-chat, driven as a person would: a real terminal session on SmolLM2 with an NSQ4 cache."""
+"""nsq-chat, driven as a person would: a real terminal session on SmolLM2 with an NSQ4 cache (NSQ3 in prompt mode)."""
 from __future__ import annotations
 
 import contextlib
+import re
 import shutil
 import subprocess
 
@@ -106,20 +107,33 @@ def test_full_context_offers_reset(nsq_chat):
         child.sendeof()
 
 
-def test_prompt_mode_prints_the_answer(nsq_chat):
-    proc = subprocess.run([nsq_chat, *ARGS, "-p", "What is the capital of France?"], capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr
+@pytest.mark.parametrize(("cache", "args", "bits"), [("nsq4", [], 4.25),  # the default
+                                                    ("nsq3", ["-ctk", "nsq3", "-ctv", "nsq3"], 3.25)])
+def test_prompt_mode_prints_the_answer(nsq_chat, cache, args, bits):
+    """The answer on stdout; the banner names the cache, its size against f16's and the calibration K is centered
+    by (by default, nsq3 as nsq4), which llama.cpp's own log (-v) confirms."""
+    proc = subprocess.run([nsq_chat, *ARGS, *args, "-v", "-p", "What is the capital of France?"], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Paris" in proc.stdout
     assert "using the bundled demo model SmolLM2-135M-Instruct.Q4_1.gguf" in proc.stderr
+    banner = re.search(rf"cache K {cache} / V {cache}, KV cache ([0-9.]+) MiB \((\d+)% less than f16's "
+                       r"([0-9.]+) MiB\), K centered \((.+?\.nsq\.gguf)\)", proc.stderr)
+    assert banner, proc.stderr[-3000:]
+    kv, f16 = float(banner.group(1)), float(banner.group(3))
+    assert abs(kv / f16 - bits / 16) < 0.01, (kv, f16)
+    assert re.search(rf"{cache}: K centered by the calibrated means of 30 layers from \S*{re.escape(banner.group(4))}",
+                     proc.stderr)
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["-ctk", "nsq5"], "unknown --cache-type-k 'nsq5'; use one of: "),
+    (["-ctk", "nsq5"], "unknown --cache-type-k 'nsq5'; use one of: f32, f16, bf16, q8_0, q4_0, q4_1, iq4_nl, q5_0, "
+                       "q5_1, nsq4, nsq3"),
     (["--cache-type", "q3"], "unknown --cache-type-k 'q3'; use one of: "),
     (["/no/such/model.gguf"], "model file /no/such/model.gguf does not exist"),
     ([__file__], "is not a GGUF model file"),
     (["-ctv", "nsq4", "-fa", "off"], "requires flash attention: pass flash_attn=True"),
+    (["-ctv", "nsq3", "-fa", "off"], "a quantized V cache (type_v='nsq3') requires flash attention"),
 ])
 def test_bad_arguments_are_one_line_and_exit_2(nsq_chat, args, message):
     proc = subprocess.run([nsq_chat, *args, "-p", "hi"], capture_output=True, text=True, timeout=300)

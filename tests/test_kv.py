@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from nsq_local import cache_sim, capture, cquant, kv_report, reference
+from nsq_local._common import NSQ_TYPES
 
 THREADS = 2
 N = 96  # tokens: one ubatch, so the cache is written by exactly the computation the eval callback sees
@@ -20,9 +21,9 @@ def tokens(smollm2, wikitext) -> np.ndarray:
 
 
 def stored(model, tokens, type_k: str, type_v: str, rotation: bool) -> list[capture.CacheLayer]:
-    # an nsq4 K uncentered: the requantized captures below are of the keys as computed
+    # an nsq4 or nsq3 K uncentered: the requantized captures below are of the keys as computed
     with capture.Decoder(model, n_ctx=N, type_k=type_k, type_v=type_v, rotation=rotation, n_threads=THREADS,
-                         nsq_calib=False if type_k == "nsq4" else None) as s:
+                         nsq_calib=False if type_k in NSQ_TYPES else None) as s:
         s.decode(tokens, 0, logits=False)
         return capture.read_cache(s)
 
@@ -54,22 +55,28 @@ def test_capturer_runs_again_on_one_model(smollm2, tokens):
         np.testing.assert_array_equal(first.k[il], fresh.k[il])
 
 
+# nsq-local's types requantized by the numpy reference, the others by ggml's CPU quantizer
+QUANTIZE = {"nsq4": reference.quantize, "nsq3": reference.quantize_nsq3}
+
+
 def requantized(qkv: capture.QKV, layers: list[capture.CacheLayer], cache: str, rotation: bool):
     """Per layer and K/V: (our bytes for the captured values, the cache's bytes), both as (blocks, block bytes)."""
     _, block_bytes = cquant.block_info(cache)
+    quantize = QUANTIZE.get(cache, lambda flat: cquant.quantize(cache, flat, path="cpu"))
     for il in range(qkv.n_layer):
         for name, x, block, rows in (("K", qkv.k[il], cache_sim.rot_block_k(64), layers[il].k_rows),
                                      ("V", qkv.v[il], cache_sim.rot_block_v(64), layers[il].v_rows)):
             flat = (cache_sim.rotate(x, block) if rotation else x).reshape(-1)
-            ours = reference.quantize(flat) if cache == "nsq4" else cquant.quantize(cache, flat, path="cpu")
+            ours = quantize(flat)
             yield f"{cache} {name} layer {il}", ours.reshape(-1, block_bytes), rows.reshape(-1, block_bytes)
 
 
-@pytest.mark.parametrize("cache", ["q8_0", "q4_0", "nsq4"])
+@pytest.mark.parametrize("cache", ["q8_0", "q4_0", "nsq4", "nsq3"])
 def test_captured_kv_quantized_is_what_the_cache_stores(smollm2, tokens, cache):
-    """Without rotation, bit for bit: the captured K/V and the quantizer reproduce every stored block."""
+    """Without rotation, bit for bit: the captured K/V and the quantizer reproduce every stored block (nsq4 and
+    nsq3: the numpy reference's)."""
     qkv = capture.capture_qkv(smollm2, tokens, type_k=cache, type_v=cache, rotation=False, n_threads=THREADS,
-                              nsq_calib=False if cache == "nsq4" else None)
+                              nsq_calib=False if cache in NSQ_TYPES else None)
     for what, ours, theirs in requantized(qkv, stored(smollm2, tokens, cache, cache, False), cache, False):
         assert np.array_equal(ours, theirs), what
 
@@ -122,7 +129,7 @@ def test_attention_matches_a_per_token_loop():
 def report(smollm2, wikitext, tmp_path_factory):
     out = tmp_path_factory.mktemp("kv")
     rc = kv_report.main(["-m", str(smollm2), "-f", str(wikitext), "-c", "64", "-t", str(THREADS),
-                  "--types", "f16,q8_0,q4_0,nsq4,nsq4-uncentered", "--out", str(out)])
+                  "--types", "f16,q8_0,q4_0,nsq4,nsq4-uncentered,nsq3,nsq3-uncentered", "--out", str(out)])
     assert rc == 0
     return out, json.loads((out / "kv.json").read_text())
 
@@ -134,7 +141,10 @@ def test_json_schema(report):
     for key, grid in r["stats"].items():
         assert np.asarray(grid).shape == (30, 3), key
         assert np.isfinite(grid).all() and (np.asarray(grid) > 0).all(), key
-    assert list(r["types"]) == ["f16", "q8_0", "q4_0", "nsq4", "nsq4-uncentered"]
+    assert list(r["types"]) == ["f16", "q8_0", "q4_0", "nsq4", "nsq4-uncentered", "nsq3", "nsq3-uncentered"]
+    assert {t: x["bits"] for t, x in r["types"].items()} == {"f16": 16, "q8_0": 8.5, "q4_0": 4.5, "nsq4": 4.25,
+                                                            "nsq4-uncentered": 4.25, "nsq3": 3.25,
+                                                            "nsq3-uncentered": 3.25}
     assert r["nsq_calib"].endswith(".nsq.gguf")  # nsq4 as shipped: the default calibration
     for t, x in r["types"].items():
         assert np.asarray(x["k_err"]).shape == np.asarray(x["v_err"]).shape == (30, 3)
@@ -149,9 +159,12 @@ def test_figures_order_the_types(report):
     assert t["f16"]["attn_cos_mean"] > t["q8_0"]["attn_cos_mean"] > t["q4_0"]["attn_cos_mean"]
     # measured 2026-12-02: nsq4 0.0628, q4_0 0.0825 (0.76x), f16 0.0002; a cache that skipped nsq4 would be far lower
     assert 0.05 < t["nsq4"]["k_err_mean"] < 0.8 * t["q4_0"]["k_err_mean"]
-    # centering is what the as-shipped row measures: without it, K's error is larger
-    assert t["nsq4"]["k_err_mean"] < 0.8 * t["nsq4-uncentered"]["k_err_mean"]
-    assert t["nsq4"]["v_err_mean"] == t["nsq4-uncentered"]["v_err_mean"]
+    # nsq3 stores a bit less per value than nsq4, and loses more
+    assert t["nsq4"]["k_err_mean"] < t["nsq3"]["k_err_mean"] and t["nsq4"]["v_err_mean"] < t["nsq3"]["v_err_mean"]
+    # centering is what the as-shipped rows measure: without it, K's error is larger
+    for nsq in NSQ_TYPES:
+        assert t[nsq]["k_err_mean"] < 0.8 * t[f"{nsq}-uncentered"]["k_err_mean"], nsq
+        assert t[nsq]["v_err_mean"] == t[f"{nsq}-uncentered"]["v_err_mean"], nsq
     # rotation spreads SmolLM2's outlier channels: the absmax ratio drops, the norms (rotation-invariant) do not move
     s = r["stats"]
     assert np.mean(s["k_absmax_ratio_after_rot"]) < 0.7 * np.mean(s["k_absmax_ratio_before_rot"])
@@ -169,4 +182,6 @@ def test_plots_are_written(report):
 def test_unknown_type_is_a_clear_error(smollm2, wikitext, tmp_path, capsys):
     rc = kv_report.main(["-m", str(smollm2), "-f", str(wikitext), "--types", "nsq4,q3_x", "--out", str(tmp_path)])
     assert rc == kv_report.EXIT_USAGE
-    assert "--types 'nsq4,q3_x': use cache types from: f16, bf16, q8_0" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--types 'nsq4,q3_x': use cache types from: f16, bf16, q8_0" in err
+    assert "nsq4, nsq3, nsq4-uncentered, nsq3-uncentered" in err

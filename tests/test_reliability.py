@@ -1,11 +1,13 @@
 """Every KV-cache operation llama.cpp offers, with K and V in NSQ4, on SmolLM2 through the low-level llama_cpp API:
 state save/load (memory, file, one sequence), sequence removal and copy, parallel sequences in one batch and the
-context shift (K re-roped in place, through upstream's Hadamard rotation), each with the rotation on and off.
+context shift (K re-roped in place, through upstream's Hadamard rotation), each with the rotation on and off; the
+state of a centered NSQ3 cache; bad configurations (NSQ4 and NSQ3).
 """
 from __future__ import annotations
 
 import ctypes
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +15,7 @@ import pytest
 
 import llama_cpp
 from helpers import kld
-from nsq_local._common import ROT_DISABLE_ENV, LogTap, is_quantized, log_verbosity, scoped_env
+from nsq_local._common import NSQ_CALIB_ENV, ROT_DISABLE_ENV, LogTap, is_quantized, log_verbosity, scoped_env
 
 ROTATION = [pytest.param(True, id="rot"), pytest.param(False, id="norot")]
 THREADS = 2
@@ -23,18 +25,21 @@ class Context:
     """One llama_context on the shared model; decode() returns copies of the requested logits."""
 
     def __init__(self, model, *, cache: str = "nsq4", n_ctx: int = 512, n_seq_max: int = 1, rotation: bool = True,
-                 kv_unified: bool = False) -> None:
+                 kv_unified: bool = False, nsq_calib: Path | None = None) -> None:
         p = llama_cpp.llama_context_default_params()
         p.n_ctx, p.n_batch, p.n_seq_max = n_ctx, n_ctx, n_seq_max
         p.n_threads = p.n_threads_batch = THREADS
         p.type_k = p.type_v = llama_cpp.llama.ggml_type_from_name(cache)
         p.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
         p.kv_unified = kv_unified
-        # llama.cpp reads LLAMA_ATTN_ROT_DISABLE when it creates the cache
-        with scoped_env({ROT_DISABLE_ENV: None if rotation else "1"}), LogTap() as log:
+        # llama.cpp reads LLAMA_ATTN_ROT_DISABLE and LLAMA_NSQ_CALIB (an nsq K cache's centering, none by default
+        # here) when it creates the cache
+        with scoped_env({ROT_DISABLE_ENV: None if rotation else "1", NSQ_CALIB_ENV: str(nsq_calib or "")}), \
+                LogTap() as log:
             self.ctx = llama_cpp.llama_init_from_model(model, p)
         if not self.ctx:
             pytest.fail("llama_init_from_model failed:\n" + log.tail(20))
+        self.log = "".join(log.lines)
         rot_k = [ln for ln in log.lines if "attn_rot_k = " in ln]
         expect = int(rotation and is_quantized(cache))  # upstream rotates quantized types only
         assert rot_k and all(f"attn_rot_k = {expect}" in ln for ln in rot_k), rot_k
@@ -141,6 +146,29 @@ def test_state_save_and_load(model, tokens, tmp_path, rotation):
     ratio = len(state) / f16_size
     print(f"state: nsq4 {len(state)} bytes, f16 {f16_size} bytes ({ratio:.3f})")
     assert 4.25 / 16 <= ratio < 0.3, "the state should hold the cache in NSQ4"
+
+
+def test_centered_nsq3_state_loads_only_into_a_context_centered_alike(model, tokens, nsq_calib):
+    """An nsq3 K cache is centered by a calibration as nsq4's is, and its saved state says by which: a context
+    without centering refuses it, naming the fix; one centered by the same calibration continues with the saved
+    context's logits, bit for bit."""
+    prompt, cont = tokens[:100], tokens[100:116]
+    with Context(model, cache="nsq3", n_ctx=256, nsq_calib=nsq_calib) as s:
+        assert f"nsq3: K centered by the calibrated means of 30 layers from {nsq_calib}" in s.log
+        s.run(prompt, logits="last")
+        state = s.state()
+        want = s.run(cont, len(prompt))
+    with Context(model, cache="nsq3", n_ctx=256) as plain:
+        assert "nsq3: K not centered (no calibration" in plain.log
+        buf = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
+        with LogTap() as log:
+            assert llama_cpp.llama_state_set_data(plain.ctx, buf, len(state)) != len(state)
+        assert re.search(r"the state's centered keys \(layer 0\) are centered by calibration [0-9a-f]{16}, this "
+                         r"context's not centered: load the state into a context with the calibration it was saved "
+                         r"with", "".join(log.lines)), log.tail()
+    with Context(model, cache="nsq3", n_ctx=256, nsq_calib=nsq_calib) as same:
+        same.set_state(state)
+        np.testing.assert_array_equal(same.run(cont, len(prompt)), want)
 
 
 @pytest.mark.parametrize("rotation", ROTATION)
@@ -311,7 +339,8 @@ def head80_model(upstream_tree, tmp_path_factory) -> Path:
                             upstream_tree / "vendor" / "llama.cpp" / "gguf-py", head_size=80)
 
 
-HEAD80_ERROR = "K cache type nsq4 stores blocks of 64 values, which do not divide the head size n_embd_head_k=80"
+def head80_error(cache: str) -> str:
+    return f"K cache type {cache} stores blocks of 64 values, which do not divide the head size n_embd_head_k=80"
 
 
 def test_missing_model_file_python():
@@ -332,13 +361,14 @@ def test_missing_model_file_perplexity(tool, wikitext):
         assert "/no/such/model.gguf" in proc.stderr and "No such file or directory" in proc.stderr, proc.stderr[-2000:]
 
 
-def test_head_size_error_in_perplexity(tool, head80_model, wikitext):
+@pytest.mark.parametrize("cache", ["nsq4", "nsq3"])
+def test_head_size_error_in_perplexity(tool, head80_model, wikitext, cache):
     import subprocess
 
     proc = subprocess.run([str(tool("llama-perplexity")), "-m", str(head80_model), "-f", str(wikitext), "-c", "128",
-                           "--chunks", "1", "-ctk", "nsq4", "-fa", "on"], capture_output=True, text=True, timeout=120)
+                           "--chunks", "1", "-ctk", cache, "-fa", "on"], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
-    assert HEAD80_ERROR in proc.stderr and "use one of: f16, bf16" in proc.stderr, proc.stderr[-2000:]
+    assert head80_error(cache) in proc.stderr and "use one of: f16, bf16" in proc.stderr, proc.stderr[-2000:]
 
 
 def nsq_chat_errors(*args: str, env: dict[str, str] | None = None) -> tuple[int, list[str]]:
@@ -353,9 +383,10 @@ def nsq_chat_errors(*args: str, env: dict[str, str] | None = None) -> tuple[int,
     return proc.returncode, [ln for ln in proc.stderr.splitlines() if ln.startswith("nsq-chat: error: ")]
 
 
-def test_head_size_error_in_nsq_chat(head80_model):
-    rc, errors = nsq_chat_errors(str(head80_model), "-ctk", "nsq4", "-ctv", "f16")
-    assert rc == 2 and len(errors) == 1 and HEAD80_ERROR in errors[0], errors
+@pytest.mark.parametrize("cache", ["nsq4", "nsq3"])
+def test_head_size_error_in_nsq_chat(head80_model, cache):
+    rc, errors = nsq_chat_errors(str(head80_model), "-ctk", cache, "-ctv", "f16")
+    assert rc == 2 and len(errors) == 1 and head80_error(cache) in errors[0], errors
 
 
 def test_calibration_refuses_a_head_size_nsq4_cannot_hold(head80_model):

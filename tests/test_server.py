@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+import llama_cpp
 from helpers import ROOT
 
 sys.path.insert(0, str(ROOT / "bench"))
@@ -81,13 +82,13 @@ def python_server(args: list, log: Path, port: int) -> Server:
                   ready="/v1/models")
 
 
-@pytest.mark.parametrize("cache,flash", [("nsq4", "on"), ("f16", "off")])
+@pytest.mark.parametrize("cache,flash", [("nsq4", "on"), ("nsq3", "on"), ("f16", "off")])
 def test_python_server_takes_cache_types_by_name(smollm2, nsq_calib, tmp_path, cache, flash):
-    """`python -m llama_cpp.server --type_k nsq4 --type_v nsq4`: names as Llama takes them, flash attention on by
-    itself for a quantized V (off for f16: the control), the start-up log naming the types and the KV memory, and
-    the official client's chat completion, plain and streamed."""
+    """`python -m llama_cpp.server --type_k nsq4 --type_v nsq4` (or nsq3): names as Llama takes them, flash attention
+    on by itself for a quantized V (off for f16: the control), the start-up log naming the types, the calibration K
+    is centered by and the KV memory, and the official client's chat completion, plain and streamed."""
     port = free_port()
-    calib = ["--nsq_calib", nsq_calib] if cache == "nsq4" else []
+    calib = ["--nsq_calib", nsq_calib] if cache != "f16" else []
     server = python_server(["--model", smollm2, "--type_k", cache, "--type_v", cache, "--n_ctx", 1024,
                             "--n_threads", THREADS, *calib], tmp_path / "server.log", port)
     try:
@@ -108,10 +109,10 @@ def test_python_server_takes_cache_types_by_name(smollm2, nsq_calib, tmp_path, c
     assert line is not None, log[-3000:]
     print(line)
     assert f"KV cache K {cache}, V {cache}, n_ctx 1024, flash attention {flash}" in line
-    if cache == "nsq4":
+    if cache != "f16":
         assert f"K centered by {nsq_calib}" in line
     # llama.cpp's own figure: 30 layers x 1024 cells x 192 K and 192 V values, in the type's bytes
-    per_value = {"nsq4": 34 / 64, "f16": 2}[cache]
+    per_value = {"nsq4": 34 / 64, "nsq3": 26 / 64, "f16": 2}[cache]
     mib = float(re.search(r"; ([0-9.]+) MiB", line).group(1))
     assert mib == pytest.approx(30 * 1024 * 2 * 192 * per_value / 2**20, rel=0.01)
 
@@ -131,7 +132,8 @@ def test_python_server_type_given_as_a_ggml_type_value_still_works(smollm2, tmp_
 @pytest.mark.parametrize("args,message", [
     (["--type_k", "nsq5"], "type_k='nsq5' is not a ggml type; use one of: "),
     (["--type_v", "q4_0", "--flash_attn", "false"], "a quantized V cache (type_v='q4_0') requires flash attention"),
-    (["--type_k", "f16", "--nsq_calib", "x.gguf"], "nsq_calib calibrates an nsq4 K cache, but type_k is 'f16'"),
+    (["--type_k", "f16", "--nsq_calib", "x.gguf"],
+     "nsq_calib calibrates an nsq4 or nsq3 K cache, but type_k is 'f16'"),
     (["--type_k", "nsq4", "--nsq_calib", "missing.nsq.gguf"], "NSQ4 calibration file not found: missing.nsq.gguf"),
     (["--model", "missing.gguf"], "llama_cpp.server: error: Model path does not exist: missing.gguf"),
 ])
@@ -143,7 +145,7 @@ def test_python_server_bad_settings_stop_start_up(smollm2, tmp_path, args, messa
     assert message in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     if "nsq5" in args:
-        assert "nsq4" in proc.stderr.split(message, 1)[1]
+        assert "nsq3" in proc.stderr.split(message, 1)[1] and "nsq4" in proc.stderr.split(message, 1)[1]
 
 
 # --- llama-server -----------------------------------------------------------------------------------------------------
@@ -404,6 +406,10 @@ def closed_without_answer(s: socket.socket) -> bool:
         return True
 
 
+# the numbering this tree's ggml and the binding share (every type added after nsq4 raises the count)
+NSQ4, TYPE_COUNT = llama_cpp.GGML_TYPE_NSQ4, llama_cpp.GGML_TYPE_COUNT
+
+
 def test_rpc_server_refuses_a_client_from_another_tree(tool, tmp_path):
     """Upstream's HELLO (24 bytes of transport caps, no type ids) is refused with the reason in the server's log,
     and the server goes on serving: an nsq-local client connects after it."""
@@ -417,16 +423,17 @@ def test_rpc_server_refuses_a_client_from_another_tree(tool, tmp_path):
             s.sendall(_hello_header(32) + bytes(24) + struct.pack("<II", 40, 41))
             assert closed_without_answer(s)
         with socket.create_connection(("127.0.0.1", rpc.port), timeout=10) as s:
-            s.sendall(_hello_header(32) + bytes(24) + struct.pack("<II", 43, 44))
+            s.sendall(_hello_header(32) + bytes(24) + struct.pack("<II", NSQ4, TYPE_COUNT))
             size = struct.unpack("<Q", s.recv(8, socket.MSG_WAITALL))[0]
             reply = s.recv(size, socket.MSG_WAITALL)
-            assert reply[3] == 43, "an nsq-local server answers with its id for nsq4"
+            assert reply[3] == NSQ4, "an nsq-local server answers with its id for nsq4"
         time.sleep(0.5)
         log = rpc.output()
     finally:
         rpc.stop()
     assert "refusing a client built from another tree than this server (upstream's HELLO)" in log, log
-    assert "refusing a client that numbers the ggml types differently (its nsq4 is type 40 of 41, here 43 of 44)" in log
+    assert ("refusing a client that numbers the ggml types differently (its nsq4 is type 40 of 41, here "
+            f"{NSQ4} of {TYPE_COUNT})") in log
 
 
 def test_client_refuses_an_rpc_server_from_another_tree(tool, smollm2, tmp_path):

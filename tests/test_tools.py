@@ -1,4 +1,4 @@
-"""The llama.cpp tools and ggml's own tests, built from the same patched tree, know nsq4."""
+"""The llama.cpp tools and ggml's own tests, built from the same patched tree, know nsq4 and nsq3."""
 from __future__ import annotations
 
 import os
@@ -11,11 +11,12 @@ import pytest
 from helpers import perplexity, run
 
 
-def test_quantize_fns_nsq4(tool):
+@pytest.mark.parametrize("cache", ["nsq4", "nsq3"])
+def test_quantize_fns(tool, cache):
     out = run([tool("test-quantize-fns"), "-v"])
-    section = out[out.index("Testing nsq4"):]
-    checks = re.findall(r"nsq4 (absolute quantization error|reference implementation error|dot product error):\s+(\w+)",
-                        section)
+    section = out[out.index(f"Testing {cache}"):]
+    checks = re.findall(rf"{cache} (absolute quantization error|reference implementation error|dot product error):"
+                        r"\s+(\w+)", section)
     assert [c[0] for c in checks] == ["absolute quantization error", "reference implementation error",
                                      "dot product error"], section[:500]
     assert all(status == "ok" for _, status in checks), section[:500]
@@ -45,25 +46,38 @@ def test_nsq4_works_without_rotation(tool, smollm2, wikitext, f16_ppl):
     assert f16_ppl < ppl < 1.30 * f16_ppl
 
 
-def test_quantized_v_without_flash_attention_is_refused(tool, smollm2, wikitext):
+def test_nsq3_perplexity_centered_by_the_calibration(tool, smollm2, wikitext, nsq_calib, f16_ppl):
+    """-ctk nsq3 -ctv nsq3 --nsq-calib: K centered by the calibration, as nsq4's (that centering lowers nsq3's KLD
+    is test_ppl's to show)."""
+    ppl, log = perplexity(tool, smollm2, wikitext, "nsq3", extra=("--nsq-calib", nsq_calib))
+    assert f"nsq3: K centered by the calibrated means of 30 layers from {nsq_calib}" in log
+    assert "K (nsq3)" in log and "V (nsq3)" in log and "attn_rot_k = 1" in log
+    print(f"SmolLM2 PPL f16 {f16_ppl:.4f}, nsq3 centered {ppl:.4f}")
+    # a regression bound: measured 1.24x (15.879 -> 19.627, 2026-12-02)
+    assert f16_ppl < ppl < 1.35 * f16_ppl
+
+
+@pytest.mark.parametrize("cache", ["nsq4", "nsq3"])
+def test_quantized_v_without_flash_attention_is_refused(tool, smollm2, wikitext, cache):
     proc = subprocess.run([str(tool("llama-perplexity")), "-m", str(smollm2), "-f", str(wikitext), "-c", "128",
-                           "--chunks", "1", "-fa", "off", "-ctk", "nsq4", "-ctv", "nsq4"],
+                           "--chunks", "1", "-fa", "off", "-ctk", cache, "-ctv", cache],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
-    assert "quantized V cache (nsq4) requires flash attention: enable it (-fa on" in proc.stderr
+    assert f"quantized V cache ({cache}) requires flash attention: enable it (-fa on" in proc.stderr
 
 
 def test_unknown_cache_type_lists_valid_ones(tool, smollm2):
     proc = subprocess.run([str(tool("llama-perplexity")), "-m", str(smollm2), "-ctk", "nsq5"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
-    assert "Unsupported cache type: nsq5 (valid: " in proc.stderr and "nsq4" in proc.stderr
+    assert "Unsupported cache type: nsq5 (valid: " in proc.stderr and "q5_1, nsq4, nsq3)" in proc.stderr
 
 
-def test_llama_bench_accepts_nsq4(tool, smollm2):
-    out = run([tool("llama-bench"), "-m", smollm2, "-fa", 1, "-ctk", "nsq4", "-ctv", "nsq4", "-p", 32, "-n", 4,
+@pytest.mark.parametrize("cache", ["nsq4", "nsq3"])
+def test_llama_bench_accepts_nsq_types(tool, smollm2, cache):
+    out = run([tool("llama-bench"), "-m", smollm2, "-fa", 1, "-ctk", cache, "-ctv", cache, "-p", 32, "-n", 4,
                "-r", 1, "-t", os.cpu_count() or 2, "-o", "csv"])
-    rows = [ln for ln in out.splitlines() if "nsq4" in ln]
+    rows = [ln for ln in out.splitlines() if cache in ln]
     assert len(rows) == 2, out[-2000:]  # a prompt row and a generation row
 
 
