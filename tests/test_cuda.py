@@ -1,8 +1,9 @@
-"""The CUDA side of NSQ4 (the ggml-cuda-nsq4 patch) without a GPU: every translation unit the patch adds or changes
-compiles with nvcc for sm_80 and sm_90 with the flags of the real -DGGML_CUDA=ON build, and the block quantizer those
-kernels run (ggml-cuda/nsq4.cuh) is bit-exact with nsq_local/reference.py when the same code runs on the host.
+"""The CUDA side of NSQ4 and NSQ3 (the ggml-cuda-nsq4 and ggml-cuda-nsq3 patches) without a GPU: every translation
+unit the patches add or change compiles with nvcc for sm_80 and sm_90 with the flags of the real -DGGML_CUDA=ON build,
+and the block quantizers those kernels run (ggml-cuda/nsq4.cuh, nsq3.cuh) are bit-exact with nsq_local/reference.py
+when the same code runs on the host, as is the NSQ3 code unpacking of the flash-attention kernels.
 
-Nothing here runs on a GPU: the device paths of nsq4.cuh differ from the host path only in using the IEEE
+Nothing here runs on a GPU: the device paths of nsq4.cuh and nsq3.cuh differ from the host path only in using the IEEE
 round-to-nearest intrinsics (__fmul_rn, __fdiv_rn, __fsqrt_rn) where the host uses the IEEE operators.
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import helpers
 from helpers import ROOT, missing_tool, require_tool
 from nsq_local import reference
 
@@ -34,6 +36,8 @@ UNITS = (
     "cpy.cu",
     "fattn.cu",
     "template-instances/fattn-vec-instance-nsq4-nsq4.cu",
+    "template-instances/fattn-vec-instance-nsq3-nsq3.cu",
+    "template-instances/fattn-vec-instance-nsq4-nsq3.cu",
     "lightning-indexer.cu",
     "ggml-cuda.cu",
 )
@@ -90,8 +94,10 @@ def compile_commands(llama_src) -> dict[str, list[str]]:
     db = build / "compile_commands.json"
     if "-- Configuring done" not in log or not db.is_file():
         pytest.fail(f"CMake could not configure the CUDA build:\n{log[-4000:]}")
-    assert "FlashAttention K-V type combinations:" in log and "nsq4-nsq4" in log.split(
-        "FlashAttention K-V type combinations:")[1].splitlines()[0], "nsq4-nsq4 is not in the default FA set"
+    assert "FlashAttention K-V type combinations:" in log
+    default_set = {p.strip() for p in log.split("FlashAttention K-V type combinations:")[1].splitlines()[0].split(";")}
+    missing = [pair for pair in ("nsq4-nsq4", "nsq3-nsq3", "nsq4-nsq3") if pair not in default_set]
+    assert not missing, f"not in the default FA set: {missing}"
     cuda_dir = llama_src / "ggml" / "src" / "ggml-cuda"
     commands = {}
     for entry in json.loads(db.read_text()):
@@ -139,12 +145,13 @@ def test_cuda_units_compile(cublas_include, llama_src, compile_commands):
 
     jobs = [(u, a) for u in UNITS for a in ARCHS]
     t0 = time.monotonic()
-    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+    jobs_at_once = int(os.environ.get("NSQ_BUILD_JOBS", str(os.cpu_count() or 2)))
+    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs_at_once) as pool:
         results = list(pool.map(build, jobs))
     total = time.monotonic() - t0
 
     report = [f"{unit:55s} sm_{arch}  {secs:6.1f} s" for unit, arch, secs, _ in results]
-    report.append(f"{'total (wall, ' + str(os.cpu_count()) + ' parallel)':55s}        {total:6.1f} s")
+    report.append(f"{'total (wall, ' + str(jobs_at_once) + ' parallel)':55s}        {total:6.1f} s")
     (OUT / "timings.txt").write_text("\n".join(report) + "\n")
     print("\n" + "\n".join(report))
 
@@ -178,7 +185,10 @@ def host_quantize(exe: Path, x: np.ndarray, tmp_path: Path) -> tuple[np.ndarray,
     return np.fromfile(blocks, dtype=np.uint8), np.fromfile(values, dtype=np.float32)
 
 
-def adversarial_blocks() -> dict[str, np.ndarray]:
+def adversarial_blocks(kvalues: np.ndarray = reference.KVALUES,
+                       kscales: np.ndarray = reference.KSCALES) -> dict[str, np.ndarray]:
+    """Special values, and every code threshold of the codebook kvalues under the scales kscales (NSQ4's by
+    default)."""
     rng = np.random.default_rng(6)
     n = reference.QK
     blocks = {
@@ -206,8 +216,8 @@ def adversarial_blocks() -> dict[str, np.ndarray]:
         "NaN and huge": np.where(np.arange(n) == 9, np.nan, 3e38),
     }
     # every threshold 16*xg == (kv[m] + kv[m+1])*S that the integer grid can hit exactly (ties go to the lower code)
-    mids = reference.KVALUES[:-1] + reference.KVALUES[1:]
-    ties = sorted({int(m * s) // 16 for m in mids for s in reference.KSCALES if (m * s) % 16 == 0
+    mids = kvalues[:-1] + kvalues[1:]
+    ties = sorted({int(m * s) // 16 for m in mids for s in kscales if (m * s) % 16 == 0
                    and abs(m * s) // 16 <= 2047})
     ties = np.array(ties, dtype=np.float64)
     for i in range(0, len(ties), n - 1):
@@ -266,37 +276,138 @@ def test_nsq4_special_blocks_are_zero(nsq4_host, tmp_path):
         assert d[names.index(name)] == np.float16(65504.0), name
 
 
-# What ggml_backend_cuda_device_supports_op claims for NSQ4, each with the code that serves the claim: (claim in
-# supports_op, file, code that must be there). Compiling proves the code builds; this proves each claim has code.
+# ---------------------------------------------------------------------------------------------------------------
+# NSQ3: the quantizer, the dequantizer and the flash-attention kernels' code unpacking, run on the host
+
+
+@pytest.fixture(scope="module")
+def nsq3_host(llama_src) -> Path:
+    exe = OUT / "nsq3_host"
+    exe.parent.mkdir(parents=True, exist_ok=True)
+    proc = run([nvcc(), "-std=c++17", "-O2", "-x", "cu", "-I", llama_src / "ggml" / "src",
+                "-I", llama_src / "ggml" / "include", ROOT / "tests" / "cuda" / "nsq3_host.cu", "-o", exe])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return exe
+
+
+def host_quantize_nsq3(exe: Path, x: np.ndarray, tmp_path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """nsq3_host's blocks, their values, and their codes as the flash-attention kernels unpack them ([block, 2, 64]:
+    4 and 2 codes at a time)."""
+    src, blocks, values, codes = (tmp_path / n for n in ("x.f32", "blocks.bin", "values.f32", "codes.bin"))
+    np.ascontiguousarray(x, dtype=np.float32).tofile(src)
+    proc = run([exe, src, blocks, values, codes])
+    assert proc.returncode == 0, proc.stderr
+    return (np.fromfile(blocks, dtype=np.uint8), np.fromfile(values, dtype=np.float32),
+            np.fromfile(codes, dtype=np.uint8).reshape(-1, 2, reference.QK))
+
+
+def nsq3_adversarial_blocks() -> dict[str, np.ndarray]:
+    """helpers' adversarial blocks, and this module's with NSQ3's code thresholds."""
+    cases = {f"helpers: {k}": v for k, v in helpers.adversarial_blocks().items()}
+    cases.update(adversarial_blocks(reference.NSQ3_KVALUES, reference.NSQ3_KSCALES))
+    # 63 values at max|x|: at the clipping scale 81 the error sum passes INT32_MAX (the reference sums in uint32); a
+    # wrapped int32 sum would choose that scale, which gives the last value another code
+    cases["error sum past INT32_MAX"] = np.concatenate([np.tile([1.0, -1.0], 32)[:63], [900 / 2047]]).astype(np.float32)
+    return cases
+
+
+def check_bit_exact_nsq3(exe: Path, x: np.ndarray, names: list[str], tmp_path: Path) -> None:
+    blocks, values, codes = host_quantize_nsq3(exe, x, tmp_path)
+    want = reference.quantize_nsq3(x).reshape(-1, reference.NSQ3_BLOCK_BYTES)
+    got = blocks.reshape(-1, reference.NSQ3_BLOCK_BYTES)
+    bad = np.flatnonzero((got != want).any(axis=1))
+    assert not len(bad), f"{len(bad)} blocks differ from nsq_local.reference.quantize_nsq3: " + ", ".join(
+        f"{names[i]} (d {got[i, :2].view('<f2')[0]} vs {want[i, :2].view('<f2')[0]})" for i in bad[:8])
+    want_values = reference.dequantize_nsq3(want.reshape(-1)).reshape(-1, reference.QK)
+    got_values = values.reshape(-1, reference.QK)
+    bad = np.flatnonzero((got_values.view(np.uint32) != want_values.view(np.uint32)).any(axis=1))
+    assert not len(bad), "dequantized values differ: " + ", ".join(names[i] for i in bad[:8])
+    want_codes = reference.nsq3_codes(want.reshape(-1))
+    for k, ne in enumerate((4, 2)):
+        bad = np.flatnonzero((codes[:, k] != want_codes).any(axis=1))
+        assert not len(bad), f"nsq3_codes_packed<{ne}> unpacks other codes: " + ", ".join(names[i] for i in bad[:8])
+
+
+def test_nsq3_cuda_quantizer_adversarial(nsq3_host, tmp_path):
+    cases = nsq3_adversarial_blocks()
+    check_bit_exact_nsq3(nsq3_host, np.stack(list(cases.values())), list(cases), tmp_path)
+
+
+def test_nsq3_cuda_quantizer_random(nsq3_host, tmp_path):
+    x = np.concatenate([random_blocks(100000), helpers.random_blocks(2026, 10000)])
+    check_bit_exact_nsq3(nsq3_host, x, [f"random block {i}" for i in range(len(x))], tmp_path)
+
+
+def test_nsq3_special_blocks_are_zero(nsq3_host, tmp_path):
+    """As test_nsq4_special_blocks_are_zero: such blocks are stored as d = 0 with every code that of 0 (qs 0xff,
+    qh 0), and d saturates at the fp16 maximum instead of becoming Inf."""
+    cases = nsq3_adversarial_blocks()
+    x = np.stack(list(cases.values()))
+    blocks, values, _ = host_quantize_nsq3(nsq3_host, x, tmp_path)
+    blocks = blocks.reshape(-1, reference.NSQ3_BLOCK_BYTES)
+    d = blocks[:, :2].copy().view("<f2")[:, 0]
+    names = list(cases)
+    assert np.isfinite(values).all()
+    for name in ("zeros", "tiny 1e-30", "just below 2^-24", "subnormals", "NaN", "+Inf", "-Inf", "NaN and huge",
+                 "helpers: NaN", "helpers: denormals"):
+        i = names.index(name)
+        assert d[i] == 0 and (blocks[i, 2:18] == 0xff).all() and (blocks[i, 18:] == 0).all(), name
+    for name in ("d saturates", "max float", "huge 3e38"):
+        assert d[names.index(name)] == np.float16(65504.0), name
+
+
+# What ggml_backend_cuda_device_supports_op claims for NSQ4 and NSQ3, each with the code that serves the claim: (claim
+# in supports_op, file, code that must be there). Compiling proves the code builds; this proves each claim has code.
+# Where the two types share a case or a condition, NSQ4's pattern lets NSQ3 follow it.
 CUDA_CLAIMS = {
     "cpy f32 -> nsq4": (r"src0_type == GGML_TYPE_F32 && src1_type == GGML_TYPE_NSQ4",
                         "cpy.cu", r"src0->type == GGML_TYPE_F32 && src1->type == GGML_TYPE_NSQ4"),
     "cpy nsq4 -> f32": (r"src0_type == GGML_TYPE_NSQ4 && src1_type == GGML_TYPE_F32",
                         "cpy.cu", r"src0->type == GGML_TYPE_NSQ4 && src1->type == GGML_TYPE_F32"),
-    "set_rows f32 -> nsq4": (r"op->type == GGML_TYPE_NSQ4\) &&\s*op->src\[0\]->type == GGML_TYPE_F32",
+    "set_rows f32 -> nsq4": (r"op->type == GGML_TYPE_NSQ4(?: \|\| op->type == GGML_TYPE_NSQ3)?\) &&\s*"
+                             r"op->src\[0\]->type == GGML_TYPE_F32",
                              "set-rows.cu", r"dst->type == GGML_TYPE_NSQ4\) \{\s*set_rows_cuda_quant<idx_t, block_nsq4"),
-    "get_rows nsq4": (r"case GGML_TYPE_IQ4_XS:\s*case GGML_TYPE_NSQ4:\s*return true;",
+    "get_rows nsq4": (r"case GGML_TYPE_IQ4_XS:\s*case GGML_TYPE_NSQ4:\s*(?:case GGML_TYPE_NSQ3:\s*)?return true;",
                       "getrows.cu", r"case GGML_TYPE_NSQ4:\s*get_rows_cuda_q<QK_NSQ4, QR_NSQ4, dequantize_nsq4>"),
     # cuBLAS after dequantization: the mul_mat dispatch must route NSQ4 there, and convert.cu must dequantize it
-    "mul_mat nsq4 (cuBLAS)": (r"case GGML_TYPE_NSQ4:\s*//[^\n]*\n\s*return op->op == GGML_OP_MUL_MAT;",
-                              "ggml-cuda.cu", r"src0->type == GGML_TYPE_NSQ4 \|\| src1->type != GGML_TYPE_F32"),
+    "mul_mat nsq4 (cuBLAS)": (r"case GGML_TYPE_NSQ4:\s*(?:case GGML_TYPE_NSQ3:\s*)?//[^\n]*\n\s*"
+                              r"return op->op == GGML_OP_MUL_MAT;",
+                              "ggml-cuda.cu", r"if \(bad_padding_clear \|\|[^{]*src0->type == GGML_TYPE_NSQ4[^{]*\{\s*"
+                                              r"ggml_cuda_mul_mat_cublas"),
+}
+
+CUDA_CLAIMS_NSQ3 = {
+    "cpy f32 -> nsq3": (r"src0_type == GGML_TYPE_F32 && src1_type == GGML_TYPE_NSQ3",
+                        "cpy.cu", r"src0->type == GGML_TYPE_F32 && src1->type == GGML_TYPE_NSQ3\) \{\s*"
+                                  r"ggml_cpy_f32_nsq3_cuda"),
+    "cpy nsq3 -> f32": (r"src0_type == GGML_TYPE_NSQ3 && src1_type == GGML_TYPE_F32",
+                        "cpy.cu", r"src0->type == GGML_TYPE_NSQ3 && src1->type == GGML_TYPE_F32\) \{\s*"
+                                  r"ggml_cpy_nsq3_f32_cuda"),
+    "set_rows f32 -> nsq3": (r"op->type == GGML_TYPE_NSQ3\) &&\s*op->src\[0\]->type == GGML_TYPE_F32",
+                             "set-rows.cu", r"dst->type == GGML_TYPE_NSQ3\) \{\s*"
+                                            r"set_rows_cuda_quant<idx_t, block_nsq3, QK_NSQ3, quantize_f32_nsq3_block>"),
+    "get_rows nsq3": (r"case GGML_TYPE_NSQ4:\s*case GGML_TYPE_NSQ3:\s*return true;",
+                      "getrows.cu", r"case GGML_TYPE_NSQ3:\s*get_rows_cuda_q<QK_NSQ3, QR_NSQ3, dequantize_nsq3>"),
+    "mul_mat nsq3 (cuBLAS)": (r"case GGML_TYPE_NSQ3:\s*//[^\n]*\n\s*return op->op == GGML_OP_MUL_MAT;",
+                              "ggml-cuda.cu", r"if \(bad_padding_clear \|\|[^{]*src0->type == GGML_TYPE_NSQ3[^{]*\{\s*"
+                                              r"ggml_cuda_mul_mat_cublas"),
 }
 
 
-def cuda_nsq4_claims(cuda_dir: Path) -> dict[str, str]:
-    """Each claim of CUDA_CLAIMS with what is wrong with it ('' when both the claim and its code are there), plus
-    'unlisted' for NSQ4 lines of supports_op that no claim accounts for."""
+def cuda_claims(cuda_dir: Path, claims: dict, type_name: str) -> dict[str, str]:
+    """Each claim of `claims` with what is wrong with it ('' when both the claim and its code are there), plus
+    'unlisted' for lines of supports_op naming type_name (NSQ4, NSQ3) that no claim accounts for."""
     text = (cuda_dir / "ggml-cuda.cu").read_text()
     start = text.index("static bool ggml_backend_cuda_device_supports_op(")
     body = text[start:text.index("\n}\n", start)]
     found, accounted = {}, 0
-    for name, (claim, path, code) in CUDA_CLAIMS.items():
+    for name, (claim, path, code) in claims.items():
         m = re.search(claim, body)
-        accounted += m.group(0).count("NSQ4") if m else 0
+        accounted += m.group(0).count(type_name) if m else 0
         found[name] = ("" if m else "not claimed") or ("" if re.search(code, (cuda_dir / path).read_text())
                                                         else f"no code in {path}")
-    found["unlisted"] = "" if body.count("NSQ4") == accounted else \
-        f"{body.count('NSQ4') - accounted} NSQ4 mention(s) in supports_op that no claim accounts for"
+    found["unlisted"] = "" if body.count(type_name) == accounted else \
+        f"{body.count(type_name) - accounted} {type_name} mention(s) in supports_op that no claim accounts for"
     return found
 
 
@@ -306,11 +417,11 @@ def test_cuda_supports_op_claims_only_what_has_code(llama_src, tmp_path):
     vector kernel or converts K and V to f16 (convert.cu). Negative control: the same check on a copy whose get_rows
     dispatch lost its NSQ4 case, and on one whose supports_op claims an extra pair."""
     cuda_dir = llama_src / "ggml" / "src" / "ggml-cuda"
-    assert cuda_nsq4_claims(cuda_dir) == {name: "" for name in [*CUDA_CLAIMS, "unlisted"]}
+    assert cuda_claims(cuda_dir, CUDA_CLAIMS, "NSQ4") == {name: "" for name in [*CUDA_CLAIMS, "unlisted"]}
     convert = (cuda_dir / "convert.cu").read_text()
     assert convert.count("case GGML_TYPE_NSQ4:") == 6, "to_fp16/bf16/fp32, contiguous and not: the f16 fallback's"
     fattn = (cuda_dir / "fattn.cu").read_text()
-    assert re.search(r"case GGML_TYPE_Q8_0:\s*case GGML_TYPE_NSQ4:\s*return true;", fattn)
+    assert re.search(r"case GGML_TYPE_Q8_0:\s*case GGML_TYPE_NSQ4:\s*(?:case GGML_TYPE_NSQ3:\s*)?return true;", fattn)
     assert "FATTN_VEC_CASES_ALL_D(NSQ4, NSQ4)" in fattn
     assert (cuda_dir / "template-instances" / "fattn-vec-instance-nsq4-nsq4.cu").is_file()
 
@@ -318,9 +429,40 @@ def test_cuda_supports_op_claims_only_what_has_code(llama_src, tmp_path):
     shutil.copytree(cuda_dir, broken, ignore=shutil.ignore_patterns("template-instances", "vendors"))
     getrows = (broken / "getrows.cu").read_text()
     (broken / "getrows.cu").write_text(getrows.replace("case GGML_TYPE_NSQ4:", "case GGML_TYPE_COUNT:"))
-    assert cuda_nsq4_claims(broken)["get_rows nsq4"] == "no code in getrows.cu"
+    assert cuda_claims(broken, CUDA_CLAIMS, "NSQ4")["get_rows nsq4"] == "no code in getrows.cu"
     (broken / "ggml-cuda.cu").write_text((cuda_dir / "ggml-cuda.cu").read_text().replace(
         "if (src0_type == GGML_TYPE_NSQ4 && src1_type == GGML_TYPE_F32) {",
         "if (src0_type == GGML_TYPE_NSQ4 && src1_type == GGML_TYPE_F16) {\n                    return true;\n"
         "                }\n                if (src0_type == GGML_TYPE_NSQ4 && src1_type == GGML_TYPE_F32) {"))
-    assert cuda_nsq4_claims(broken)["unlisted"].startswith("1 NSQ4 mention")
+    assert cuda_claims(broken, CUDA_CLAIMS, "NSQ4")["unlisted"].startswith("1 NSQ4 mention")
+
+
+def test_cuda_supports_op_claims_only_what_has_code_nsq3(llama_src, tmp_path):
+    """The same for NSQ3: its claims (those of NSQ4) each have code, nothing else is claimed, and flash attention finds
+    the nsq3-nsq3 and nsq4-nsq3 vector kernels (K and V converted to f16 for any other pair). Negative control: a copy
+    whose get_rows dispatch lost its NSQ3 case, and one whose supports_op claims CPY nsq3 -> f16."""
+    cuda_dir = llama_src / "ggml" / "src" / "ggml-cuda"
+    assert cuda_claims(cuda_dir, CUDA_CLAIMS_NSQ3, "NSQ3") == {name: "" for name in [*CUDA_CLAIMS_NSQ3, "unlisted"]}
+    convert = (cuda_dir / "convert.cu").read_text()
+    assert convert.count("case GGML_TYPE_NSQ3:") == 6, "to_fp16/bf16/fp32, contiguous and not: the f16 fallback's"
+    fattn = (cuda_dir / "fattn.cu").read_text()
+    assert re.search(r"case GGML_TYPE_NSQ4:\s*case GGML_TYPE_NSQ3:\s*return true;", fattn)
+    common = (cuda_dir / "fattn-common.cuh").read_text()
+    assert re.search(r"type_K == GGML_TYPE_NSQ3\) \{\s*return vec_dot_fattn_vec_KQ_nsq3<D, nthreads>;", common)
+    assert re.search(r"type_V == GGML_TYPE_NSQ3\) \{\s*return dequantize_V_nsq3<T, ne>;", common)
+    for k, v in (("NSQ3", "NSQ3"), ("NSQ4", "NSQ3")):
+        assert f"FATTN_VEC_CASES_ALL_D({k}, {v})" in fattn
+        instance = cuda_dir / "template-instances" / f"fattn-vec-instance-{k.lower()}-{v.lower()}.cu"
+        assert all(f"DECL_FATTN_VEC_CASE({d:3d}, GGML_TYPE_{k}, GGML_TYPE_{v});" in instance.read_text()
+                   for d in (64, 128, 256)), instance
+
+    broken = tmp_path / "ggml-cuda"
+    shutil.copytree(cuda_dir, broken, ignore=shutil.ignore_patterns("template-instances", "vendors"))
+    getrows = (broken / "getrows.cu").read_text()
+    (broken / "getrows.cu").write_text(getrows.replace("case GGML_TYPE_NSQ3:", "case GGML_TYPE_COUNT:"))
+    assert cuda_claims(broken, CUDA_CLAIMS_NSQ3, "NSQ3")["get_rows nsq3"] == "no code in getrows.cu"
+    (broken / "ggml-cuda.cu").write_text((cuda_dir / "ggml-cuda.cu").read_text().replace(
+        "if (src0_type == GGML_TYPE_NSQ3 && src1_type == GGML_TYPE_F32) {",
+        "if (src0_type == GGML_TYPE_NSQ3 && src1_type == GGML_TYPE_F16) {\n                    return true;\n"
+        "                }\n                if (src0_type == GGML_TYPE_NSQ3 && src1_type == GGML_TYPE_F32) {"))
+    assert cuda_claims(broken, CUDA_CLAIMS_NSQ3, "NSQ3")["unlisted"].startswith("1 NSQ3 mention")
