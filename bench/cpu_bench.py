@@ -1,12 +1,12 @@
-"""CPU speed of the NSQ4 KV cache against f16, q8_0 and q4_0: llama-bench prefill and decode with flash attention
-at depth 0 and a deep context, plus from_float (set_rows) throughput of nsq4 and q4_0, against the speed targets
+"""CPU speed of the NSQ4 and NSQ3 KV caches against f16, q8_0 and q4_0: llama-bench prefill and decode with flash
+attention at depth 0 and a deep context, plus from_float (set_rows) throughput of nsq4, nsq3 and q4_0, against the speed targets
 (GOALS below), and the decode attention op alone (one ggml_flash_attn_ext call at the models' shapes,
 tests/c/nsq4_fattn.c --bench), whose median over many calls is steadier than end-to-end t/s on a shared machine.
 
     python3 bench/cpu_bench.py --bin build/tools/bin --tree build/upstream [-m M.gguf ...] [--json out.json]
 
 llama-bench crosses every -ctk with every -ctv, so the matched pairs (K and V of one type) run as one llama-bench
-call per type, back to back; with --rounds N the types take turns N times, so that a change of load on a shared
+call per type, back to back (a type `K/V`, e.g. nsq4/nsq3, is K in one type and V in another); with --rounds N the types take turns N times, so that a change of load on a shared
 machine reaches every type alike, and the tables take each type's best round. Default models: SmolLM2-135M (head
 size 64) and Gemma 3 270M (head size 256).
 The type `nsq4+calib` is nsq4 with the K centering nsq-chat uses (LLAMA_NSQ_CALIB; the file comes from
@@ -41,8 +41,9 @@ ATTN_SHAPES = [
 
 # The speed targets, as the ratio of nsq4 to a baseline type at the deep context: decode ("tg") at least as fast as
 # q4_0 and f16, prefill ("pp") at least 0.9x q4_0's; the quantizer, which runs on every stored token, at least half
-# of q4_0's throughput.
+# of q4_0's throughput. A cache with NSQ3 in it decodes within 10% of nsq4's speed.
 GOALS = [("tg", "q4_0", 1.0), ("tg", "f16", 1.0), ("pp", "q4_0", 0.9)]
+NSQ3_GOALS = [("tg", "nsq4", 0.9)]
 QUANT_GOAL = 0.5
 
 
@@ -54,13 +55,13 @@ def llama_bench(prefix: list[str], bin_dir: Path, model: Path, cache_type: str, 
     """llama-bench's records for one cache type, each labelled with it as "cache" ("nsq4+calib" runs centered)."""
     env = dict(os.environ)
     env.pop("LLAMA_NSQ_CALIB", None)
-    ggml_type = cache_type.removesuffix(CALIB)
+    k_type, _, v_type = cache_type.removesuffix(CALIB).partition("/")
     if cache_type.endswith(CALIB):
         from nsq_local import calibrate
         env["LLAMA_NSQ_CALIB"] = str(calibrate.cached(model))
     cmd = [*prefix, str(bin_dir / "llama-bench"), "-m", str(model), "-fa", "1", "-t", str(threads),
-           "-p", str(n_prompt), "-n", str(n_gen), "-d", ",".join(map(str, depths)), "-ctk", ggml_type,
-           "-ctv", ggml_type, "-r", str(reps), "-o", "json"]
+           "-p", str(n_prompt), "-n", str(n_gen), "-d", ",".join(map(str, depths)), "-ctk", k_type,
+           "-ctv", v_type or k_type, "-r", str(reps), "-o", "json"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         sys.exit(f"{shlex.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -103,12 +104,14 @@ def attention_op(prefix: list[str], exe: Path, types: list[str], threads: int,
 
 def attention_table(us: dict[str, dict[str, float]], types: list[str], threads: int) -> str:
     shapes = {label: (d, n_kv, n_live, n_head, n_head_kv) for label, d, n_kv, n_live, n_head, n_head_kv in ATTN_SHAPES}
+    # speed of the first type of each pair relative to the second
+    pairs = [("nsq4", "q4_0"), ("nsq4", "f16")] + [(t, "nsq4") for t in nsq3_types(types)]
     rows = [f"| decode attention, {threads} threads | head size | cells (live) | heads (KV) | "
-            + " | ".join(f"{t} us" for t in types) + " | nsq4 vs q4_0 | nsq4 vs f16 |",
-            "|---|---:|---:|---:|" + "---:|" * (len(types) + 2)]
+            + " | ".join(f"{t} us" for t in types) + " | " + " | ".join(f"{t} vs {b}" for t, b in pairs) + " |",
+            "|---|---:|---:|---:|" + "---:|" * (len(types) + len(pairs))]
     for label, by_type in us.items():
         d, n_kv, n_live, n_head, n_head_kv = shapes[label]
-        speedups = [by_type[b] / by_type["nsq4"] if b in by_type else float("nan") for b in ("q4_0", "f16")]
+        speedups = [by_type[b] / by_type[t] if b in by_type else float("nan") for t, b in pairs]
         rows.append(f"| {label} | {d} | {n_kv} ({n_live}) | {n_head} ({n_head_kv}) | "
                     + " | ".join(f"{by_type[t]:.1f}" for t in types)
                     + " | " + " | ".join(f"{v:.2f}x" for v in speedups) + " |")
@@ -132,12 +135,17 @@ def best_ts(results: list[dict]) -> dict[tuple[str, int, str], float]:
 
 
 def nsq4_types(types: list[str]) -> list[str]:
-    return [t for t in types if t.startswith("nsq4")]
+    return [t for t in types if t.startswith("nsq4") and "nsq3" not in t]
+
+
+def nsq3_types(types: list[str]) -> list[str]:
+    """The caches with NSQ3 on either side."""
+    return [t for t in types if "nsq3" in t]
 
 
 def model_table(results: list[dict], types: list[str]) -> str:
     ts = best_ts(results)
-    pairs = [(t, b) for t in nsq4_types(types) for b in ("q4_0", "f16")]
+    pairs = [(t, b) for t in nsq4_types(types) for b in ("q4_0", "f16")] + [(t, "nsq4") for t in nsq3_types(types)]
     rows = ["| test | depth | " + " | ".join(f"{t} t/s" for t in types) + " | "
             + " | ".join(f"{t}/{b}" for t, b in pairs) + " |",
             "|---|---:|" + "---:|" * (len(types) + len(pairs))]
@@ -152,8 +160,8 @@ def model_table(results: list[dict], types: list[str]) -> str:
 def goal_rows(name: str, results: list[dict], types: list[str], depth: int) -> list[tuple[str, float, float]]:
     ts = best_ts(results)
     out = []
-    for t in nsq4_types(types):
-        for kind, base, goal in GOALS:
+    for t, goals in [(t, GOALS) for t in nsq4_types(types)] + [(t, NSQ3_GOALS) for t in nsq3_types(types)]:
+        for kind, base, goal in goals:
             test = next((test_name(r) for r in results if test_kind(r) == kind), None)
             ratio = ts.get((test, depth, t), float("nan")) / ts.get((test, depth, base), float("nan"))
             out.append((f"{name}: {test} @ d{depth}, {t}/{base}", ratio, goal))
@@ -173,8 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tree", type=Path, default=ROOT / "build" / "upstream", help="patched tree (ggml headers)")
     ap.add_argument("-m", "--model", type=Path, action="append",
                     help="GGUF model, repeatable (default: SmolLM2 and Gemma 3 270M from nsq_local.models)")
-    ap.add_argument("--types", default="f16,q8_0,q4_0,nsq4,nsq4+calib",
-                    help="KV cache types (K and V alike), comma separated; nsq4+calib is nsq4 centered")
+    ap.add_argument("--types", default="f16,q8_0,q4_0,nsq4,nsq4+calib,nsq3,nsq4/nsq3",
+                    help="KV cache types (K and V alike, or K/V), comma separated; nsq4+calib is nsq4 centered")
     ap.add_argument("-d", "--depths", default="0,4096", help="context depths, comma separated; the last is the "
                     "deep context of the goals")
     ap.add_argument("-t", "--threads", type=int, default=2)
@@ -209,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         results: list[dict] = []
         for rnd in range(args.rounds):
             for t in types:
-                print(f"[{model.name}] round {rnd + 1}/{args.rounds}: llama-bench -ctk {t} -ctv {t}",
+                print(f"[{model.name}] round {rnd + 1}/{args.rounds}: llama-bench cache {t}",
                       file=sys.stderr, flush=True)
                 got = llama_bench(prefix, args.bin, model, t, depths, args.threads, args.reps, args.n_prompt,
                                   args.n_gen)
@@ -218,14 +226,14 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"  {t} {test_name(r)} @ d{r['n_depth']}: {r['avg_ts']:.2f} t/s", file=sys.stderr, flush=True)
                 results += got
         report["models"][str(model)] = results
-        print(f"\nmodel: {model.name}, threads: {args.threads}, flash attention on, K and V of one type\n")
+        print(f"\nmodel: {model.name}, threads: {args.threads}, flash attention on, K and V of one type (K/V: two)\n")
         print(model_table(results, types), flush=True)
         goals += goal_rows(model.stem, results, types, depths[-1])
 
     with tempfile.TemporaryDirectory(prefix="nsq4-bench-") as tmp:
         check = compile_c(CHECK_SRC, args.cc, args.bin, args.tree, tmp)
         print("[quantize] from_float throughput", file=sys.stderr, flush=True)
-        quant = quantize_throughput(prefix, check, ["nsq4", "q4_0"], args.quant_values, 20)
+        quant = quantize_throughput(prefix, check, ["nsq4", "nsq3", "q4_0"], args.quant_values, 20)
         if args.attn_reps:
             print("[attention] decode op", file=sys.stderr, flush=True)
             attn_types = list(dict.fromkeys(t.removesuffix(CALIB) for t in types))

@@ -9,7 +9,7 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
-from typing import NoReturn
+from typing import Callable, NamedTuple, NoReturn
 
 import numpy as np
 import pytest
@@ -126,12 +126,28 @@ def adversarial_blocks() -> dict[str, np.ndarray]:
     return {k: np.asarray(v, dtype=np.float32) for k, v in blocks.items()}
 
 
-def kernel_inputs() -> dict[str, np.ndarray]:
-    """Blocks for the kernels: random, adversarial, and values exactly on the code thresholds and grid ties."""
+class KVType(NamedTuple):
+    """A KV-cache type of the CPU kernels, by its numpy reference."""
+    quantize: Callable[[np.ndarray], np.ndarray]
+    dequantize: Callable[[np.ndarray], np.ndarray]
+    block_bytes: int
+    kvalues: np.ndarray
+    kscales: np.ndarray
+
+
+KV_TYPES = {
+    "nsq4": KVType(ref.quantize, ref.dequantize, ref.BLOCK_BYTES, ref.KVALUES, ref.KSCALES),
+    "nsq3": KVType(ref.quantize_nsq3, ref.dequantize_nsq3, ref.NSQ3_BLOCK_BYTES, ref.NSQ3_KVALUES, ref.NSQ3_KSCALES),
+}
+
+
+def kernel_inputs(qtype: str = "nsq4") -> dict[str, np.ndarray]:
+    """Blocks for the kernels: random, adversarial, and values exactly on qtype's code thresholds and grid ties."""
+    t = KV_TYPES[qtype]
     rng = np.random.default_rng(11)
     # xg = 16*xg > (kv[m]+kv[m+1])*S holds with equality when xg = mid*S/16; a block whose max is 2047 puts
     # every such integer xg on the grid exactly
-    mids = (ref.KVALUES[:-1] + ref.KVALUES[1:])[None, :] * ref.KSCALES[:, None]
+    mids = (t.kvalues[:-1] + t.kvalues[1:])[None, :] * t.kscales[:, None]
     on_thresholds = (mids[mids % 16 == 0] // 16).astype(np.float32)
     on_thresholds = on_thresholds[np.abs(on_thresholds) <= 2047]
     tie_blocks = []
@@ -149,19 +165,17 @@ def kernel_inputs() -> dict[str, np.ndarray]:
     }
 
 
-def reference_dot(qx: np.ndarray, y: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-row dot products of nsq4 rows with float32 rows, exact in float64, and the sum of |terms| as their scale."""
-    xb = qx.reshape(-1, ref.BLOCK_BYTES)
-    dx = xb[:, :2].copy().view(np.float16).astype(np.float64)[:, 0]
-    codes = np.concatenate([xb[:, 2:] & 0xF, xb[:, 2:] >> 4], axis=1)
-    # d*value is exact in float64, and so is each product with a float32 y (11 + 8 + 24 significant bits)
-    terms = (dx[:, None] * ref.KVALUES[codes]).reshape(-1) * y.astype(np.float64)
+def reference_dot(qx: np.ndarray, y: np.ndarray, k: int, qtype: str = "nsq4") -> tuple[np.ndarray, np.ndarray]:
+    """Per-row dot products of qtype rows with float32 rows, exact in float64, and the sum of |terms| as their scale."""
+    # d*value is exact in float32 (the reference's dequantization), and so is each product with a float32 y in
+    # float64 (11 + 8 + 24 significant bits)
+    terms = KV_TYPES[qtype].dequantize(qx).astype(np.float64) * y.astype(np.float64)
     rows = terms.reshape(-1, k)
     return rows.sum(axis=1), np.abs(rows).sum(axis=1)
 
 
 def check_mad(mad: np.ndarray, w: np.ndarray, y: np.ndarray) -> None:
-    """Flash attention's V accumulation y + w*v of each row (v its row's first y, w the dequantized NSQ4 row, exact in
+    """Flash attention's V accumulation y + w*v of each row (v its row's first y, w the dequantized row, exact in
     float32): a fused multiply-add (the SIMD kernels) rounds once, to within one ulp of the exact value; the generic C
     rounds the product and then the sum, as upstream's ggml_vec_mad_f32 without FMA does, and must give exactly
     that."""
@@ -173,40 +187,42 @@ def check_mad(mad: np.ndarray, w: np.ndarray, y: np.ndarray) -> None:
                       f"first at {np.argwhere(~ok)[:4]}")
 
 
-def check_kernels(cmd: list[str], tmp_path: Path, x: np.ndarray, k: int) -> None:
-    """Runs tests/c/nsq4_check (`cmd`) on the values x in rows of k: its from_float, vec_dot and the flash-attention
-    V accumulation, single and grouped-query, against the numpy reference."""
+def check_kernels(cmd: list[str], tmp_path: Path, x: np.ndarray, k: int, qtype: str = "nsq4") -> None:
+    """Runs tests/c/nsq4_check (`cmd`) on the values x in rows of k: qtype's from_float, vec_dot and the
+    flash-attention V accumulation, single and grouped-query, against the numpy reference."""
+    t = KV_TYPES[qtype]
     x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
     rng = np.random.default_rng(x.size)
     y = rng.standard_normal(x.size).astype(np.float32)
     (tmp_path / "x.f32").write_bytes(x.tobytes())
     (tmp_path / "y.f32").write_bytes(y.tobytes())
     prefix = tmp_path / "out"
-    run_logged([*cmd, str(tmp_path / "x.f32"), str(tmp_path / "y.f32"), str(k), str(prefix)], tmp_path / "run.log")
-    qx = np.fromfile(f"{prefix}.nsq4", dtype=np.uint8)
+    run_logged([*cmd, qtype, str(tmp_path / "x.f32"), str(tmp_path / "y.f32"), str(k), str(prefix)],
+               tmp_path / "run.log")
+    qx = np.fromfile(f"{prefix}.q", dtype=np.uint8)
     qy = np.fromfile(f"{prefix}.y", dtype=np.float32)
     dot = np.fromfile(f"{prefix}.dot", dtype=np.float32)
 
-    expected = ref.quantize(x)
-    bad = np.flatnonzero((qx != expected).reshape(-1, ref.BLOCK_BYTES).any(axis=1))
+    expected = t.quantize(x)
+    bad = np.flatnonzero((qx != expected).reshape(-1, t.block_bytes).any(axis=1))
     assert bad.size == 0, f"from_float differs from the reference in {bad.size} blocks, first {bad[:8]}"
     # vec_dot_type F32: Q reaches the dot product unrounded
     np.testing.assert_array_equal(qy, y)
-    want, scale = reference_dot(qx, y, k)
+    want, scale = reference_dot(qx, y, k, qtype)
     # float32 accumulation of at most 9*64 terms: every kernel's chain of roundings is far shorter than 128, so
     # the error stays below 128 float32 epsilons of the terms' magnitude (a q8_0-rounded Q would miss by ~1e-2)
     np.testing.assert_array_less(np.abs(dot.astype(np.float64) - want), 128 * 2.0**-24 * scale + 1e-37)
 
-    check_mad(np.fromfile(f"{prefix}.mad", dtype=np.float32).reshape(-1, k), ref.dequantize(qx).reshape(-1, k),
+    check_mad(np.fromfile(f"{prefix}.mad", dtype=np.float32).reshape(-1, k), t.dequantize(qx).reshape(-1, k),
               y.reshape(-1, k))
 
-    # the grouped-query kernels: NSQ4_HEADS query heads share each quantized row, head h reads Y row (r + h) mod rows
+    # the grouped-query kernels: NSQ_HEADS query heads share each quantized row, head h reads Y row (r + h) mod rows
     heads = 5
     rows = y.size // k
     hy = y.reshape(-1, k)[(np.arange(rows)[:, None] + np.arange(heads)[None, :]) % rows]  # (rows, heads, k)
     hx = np.repeat(qx.reshape(rows, -1), heads, axis=0).reshape(-1)
     doth = np.fromfile(f"{prefix}.doth", dtype=np.float32)
-    want, scale = reference_dot(hx, hy.reshape(-1), k)
+    want, scale = reference_dot(hx, hy.reshape(-1), k, qtype)
     np.testing.assert_array_less(np.abs(doth.astype(np.float64) - want), 128 * 2.0**-24 * scale + 1e-37)
-    check_mad(np.fromfile(f"{prefix}.madh", dtype=np.float32).reshape(-1, k), ref.dequantize(hx).reshape(-1, k),
+    check_mad(np.fromfile(f"{prefix}.madh", dtype=np.float32).reshape(-1, k), t.dequantize(hx).reshape(-1, k),
               hy.reshape(-1, k))

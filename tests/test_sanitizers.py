@@ -1,8 +1,8 @@
-"""NSQ4's C code under AddressSanitizer and UndefinedBehaviorSanitizer.
+"""NSQ4's and NSQ3's C code under AddressSanitizer and UndefinedBehaviorSanitizer.
 
 ggml-base and ggml-cpu are built from the patched tree with -fsanitize=address,undefined into build/asan (only
-those two libraries: 30 compile steps at -O1), then tests/c/nsq4_check.c (the CPU backend's NSQ4 from_float
-and vec_dot, against the numpy reference, on random, adversarial, threshold and fuzz-corpus blocks) and ggml's own
+those two libraries: 30 compile steps at -O1), then tests/c/nsq4_check.c (the CPU backend's NSQ4 and NSQ3
+from_float and vec_dot, against the numpy reference, on random, adversarial, threshold and fuzz-corpus blocks) and ggml's own
 test-quantize-fns are compiled against them with the same flags and run. Every UBSan check halts at its first
 report except the alignment check, which is recoverable only so that a suppressions file can exempt the
 upstream kernels listed in UBSAN_SUPPRESSIONS; halt_on_error still stops at any other alignment report.
@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import ROOT, check_kernels, kernel_inputs, need, run_logged
+from helpers import KV_TYPES, ROOT, check_kernels, kernel_inputs, need, run_logged
 
 SAN_FLAGS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fsanitize-recover=alignment",
              "-fno-omit-frame-pointer"]
@@ -70,7 +70,7 @@ def nsq4_check_asan(asan_libs, upstream_tree, tmp_path_factory) -> list[str]:
     return [str(compile_sanitized("cc", src, asan_libs, upstream_tree, tmp_path_factory.mktemp("check"), "c11"))]
 
 
-def sanitizer_inputs() -> dict[str, np.ndarray]:
+def sanitizer_inputs(qtype: str) -> dict[str, np.ndarray]:
     import sys
 
     sys.path.insert(0, str(ROOT / "tests" / "fuzz"))
@@ -78,15 +78,16 @@ def sanitizer_inputs() -> dict[str, np.ndarray]:
 
     corpus = sorted((ROOT / "tests" / "fuzz" / "corpus").iterdir())
     x = np.concatenate([nsq4_fuzz.blocks_from_bytes(p.read_bytes()) for p in corpus])
-    return {**kernel_inputs(), "fuzz corpus": x.reshape(-1, 64)}
+    return {**kernel_inputs(qtype), "fuzz corpus": x.reshape(-1, 64)}
 
 
 @pytest.mark.parametrize("blocks_per_row", [1, 3, 8])
 @pytest.mark.parametrize("kind", ["random", "adversarial", "thresholds", "grid ties", "fuzz corpus"])
-def test_nsq4_kernels_under_sanitizers(nsq4_check_asan, sanitizer_env, tmp_path, kind, blocks_per_row):
-    x = sanitizer_inputs()[kind]
+@pytest.mark.parametrize("qtype", list(KV_TYPES))
+def test_kernels_under_sanitizers(nsq4_check_asan, sanitizer_env, tmp_path, kind, blocks_per_row, qtype):
+    x = sanitizer_inputs(qtype)[kind]
     rows = x.shape[0] // blocks_per_row
-    check_kernels(nsq4_check_asan, tmp_path, x[: rows * blocks_per_row], blocks_per_row * 64)
+    check_kernels(nsq4_check_asan, tmp_path, x[: rows * blocks_per_row], blocks_per_row * 64, qtype)
 
 
 def test_quantize_fns_under_sanitizers(asan_libs, upstream_tree, sanitizer_env, tmp_path):

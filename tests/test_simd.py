@@ -1,6 +1,8 @@
-"""NSQ4's CPU kernels (SIMD where ggml-cpu has them) against nsq_local/reference.py, natively and for aarch64.
+"""NSQ4's and NSQ3's CPU kernels (SIMD where ggml-cpu has them) against nsq_local/reference.py, natively and for
+aarch64.
 
-tests/c/nsq4_check.c runs the CPU backend's from_float and vec_dot on blocks written from here. The native run
+tests/c/nsq4_check.c runs the CPU backend's from_float and vec_dot of either type on blocks written from here, and
+tests/c/nsq4_fattn.c its flash attention over a K and V cache of either type (the two may differ). The native run
 links the libraries next to the tools (NSQ_TOOLS_DIR, built by tests/run.sh); the aarch64 run cross-builds
 ggml-base and ggml-cpu from the patched tree (NSQ_UPSTREAM_TREE, default build/upstream) twice, with and without
 the dot-product extension, and runs them under qemu-aarch64. The AVX-512 kernels, which the default build
@@ -16,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import ROOT, check_kernels, kernel_inputs, need, require_tool, run_logged, tools_dir
+from helpers import KV_TYPES, ROOT, check_kernels, kernel_inputs, need, require_tool, run_logged, tools_dir
 from nsq_local import reference as ref
 
 CHECK_SRC = ROOT / "tests" / "c" / "nsq4_check.c"
@@ -125,35 +127,51 @@ def test_tables_within_simd_bounds():
     assert len(ref.KVALUES) == 16 and len(ref.KSCALES) == 16
 
 
-def check_rows(cmd: list[str], tmp_path: Path, kind: str, blocks_per_row: int) -> None:
-    """check_kernels on one kind of input, cut into rows of blocks_per_row blocks."""
-    x = kernel_inputs()[kind]
+def test_nsq3_tables_within_simd_bounds():
+    """NSQ3's SIMD quantizers take int8 codebook values (16 scale candidates, 8 values) and search the candidates in
+    int64 where the reference sums its errors in uint32: they agree only while no candidate's error wraps, i.e.
+    64 times the largest |8*xg - v*S| (clipping at the smallest S, or half the widest gap at the largest) squared
+    stays below 2**32."""
+    kv, ks = ref.NSQ3_KVALUES, ref.NSQ3_KSCALES
+    assert kv.min() >= -127 and kv.max() <= 127 and len(kv) == 8 and len(ks) == 16
+    worst = max(8 * ref.GRID - min(kv.max(), -kv.min()) * ks.min(),
+                int(np.diff(kv).max()) * ks.max() // 2 + 1)
+    assert 64 * worst**2 < 2**32
+
+
+def check_rows(cmd: list[str], tmp_path: Path, kind: str, blocks_per_row: int, qtype: str) -> None:
+    """check_kernels on one kind of input for qtype, cut into rows of blocks_per_row blocks."""
+    x = kernel_inputs(qtype)[kind]
     rows = x.shape[0] // blocks_per_row
-    check_kernels(cmd, tmp_path, x[: rows * blocks_per_row], blocks_per_row * ref.QK)
+    check_kernels(cmd, tmp_path, x[: rows * blocks_per_row], blocks_per_row * ref.QK, qtype)
 
 
 @pytest.mark.parametrize("blocks_per_row", range(1, 10))
 @pytest.mark.parametrize("kind", ["random", "adversarial", "thresholds", "grid ties"])
-def test_native_kernels(native_check, tmp_path, kind, blocks_per_row):
-    check_rows(native_check, tmp_path, kind, blocks_per_row)
+@pytest.mark.parametrize("qtype", list(KV_TYPES))
+def test_native_kernels(native_check, tmp_path, kind, blocks_per_row, qtype):
+    check_rows(native_check, tmp_path, kind, blocks_per_row, qtype)
 
 
 @pytest.mark.parametrize("blocks_per_row", [1, 2, 7])
 @pytest.mark.parametrize("kind", ["random", "adversarial", "thresholds", "grid ties"])
-def test_generic_kernels(generic_check, tmp_path, kind, blocks_per_row):
-    check_rows(generic_check, tmp_path, kind, blocks_per_row)
+@pytest.mark.parametrize("qtype", list(KV_TYPES))
+def test_generic_kernels(generic_check, tmp_path, kind, blocks_per_row, qtype):
+    check_rows(generic_check, tmp_path, kind, blocks_per_row, qtype)
 
 
 @pytest.mark.parametrize("blocks_per_row", [1, 2, 7])
 @pytest.mark.parametrize("kind", ["random", "adversarial", "thresholds", "grid ties"])
-def test_avx512_kernels(avx512_check, tmp_path, kind, blocks_per_row):
-    check_rows(avx512_check, tmp_path, kind, blocks_per_row)
+@pytest.mark.parametrize("qtype", list(KV_TYPES))
+def test_avx512_kernels(avx512_check, tmp_path, kind, blocks_per_row, qtype):
+    check_rows(avx512_check, tmp_path, kind, blocks_per_row, qtype)
 
 
 @pytest.mark.parametrize("blocks_per_row", [1, 2, 7])
 @pytest.mark.parametrize("kind", ["random", "adversarial", "thresholds", "grid ties"])
-def test_aarch64_kernels(aarch64_check, tmp_path, kind, blocks_per_row):
-    check_rows(aarch64_check, tmp_path, kind, blocks_per_row)
+@pytest.mark.parametrize("qtype", list(KV_TYPES))
+def test_aarch64_kernels(aarch64_check, tmp_path, kind, blocks_per_row, qtype):
+    check_rows(aarch64_check, tmp_path, kind, blocks_per_row, qtype)
 
 
 @pytest.mark.parametrize("aarch64_check", ["dotprod"], indirect=True)  # built there only, to keep CI time down
@@ -165,11 +183,12 @@ def test_aarch64_quantize_fns(aarch64_check):
     assert "nsq4" in r.stdout
 
 
-# Flash attention over an NSQ4 cache, per CPU path: (DK, DV, query rows, KV cells, heads, KV heads, softcap,
+# Flash attention over an NSQ4 or NSQ3 cache, per CPU path: (DK, DV, query rows, KV cells, heads, KV heads, softcap,
 # threads). A grouped-query decode (one query row) takes the split-KV path at any cache length (each thread an even
 # share of the live cells, merged after); without grouped heads a decode splits from 512 cells on, as f16 does, and
 # takes one_chunk below; 64+ query rows take the tiled path. GQA shapes check the query-to-KV head map.
-# check_fattn masks about a third of the cells.
+# check_fattn masks about a third of the cells. K and V of each type, and NSQ3 caches' mixes (K in NSQ4 where
+# per-layer precision keeps it there, or by choice), take the same paths.
 FATTN_CASES = {
     "split-gqa4-d256": (256, 256, 1, 2048, 4, 1, 0.0, 2),
     "split-gqa3-d64-3threads": (64, 64, 1, 2048, 9, 3, 0.0, 3),
@@ -199,7 +218,10 @@ def attention_f64(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray,
     return out
 
 
-def check_fattn(cmd: list[str], tmp_path: Path, case: str) -> None:
+KV_PAIRS = ["nsq4/nsq4", "nsq3/nsq3", "nsq4/nsq3", "nsq3/nsq4"]
+
+
+def check_fattn(cmd: list[str], tmp_path: Path, case: str, kv: str = "nsq4/nsq4") -> None:
     dk, dv, n_q, n_kv, n_head, n_head_kv, softcap, threads = FATTN_CASES[case]
     rng = np.random.default_rng(len(case))
     # keys with a shared offset and two outlier channels, as real K caches have; queries strong enough that the
@@ -216,17 +238,18 @@ def check_fattn(cmd: list[str], tmp_path: Path, case: str) -> None:
     mask[:, n_kv - n_q] = 0.0
     scale = 1 / np.sqrt(dk)
 
-    qk, qv = ref.quantize(k.reshape(-1)), ref.quantize(v.reshape(-1))
+    ktype, vtype = kv.split("/")
+    qk, qv = KV_TYPES[ktype].quantize(k.reshape(-1)), KV_TYPES[vtype].quantize(v.reshape(-1))
     (tmp_path / "q.f32").write_bytes(q.tobytes())
-    (tmp_path / "k.nsq4").write_bytes(qk.tobytes())
-    (tmp_path / "v.nsq4").write_bytes(qv.tobytes())
+    (tmp_path / "k.bin").write_bytes(qk.tobytes())
+    (tmp_path / "v.bin").write_bytes(qv.tobytes())
     (tmp_path / "mask.f32").write_bytes(mask.tobytes())
-    run_logged([*cmd, str(tmp_path), *map(str, (dk, dv, n_q, n_kv, n_head, n_head_kv, scale, softcap, threads))],
-               tmp_path / "run.log")
+    run_logged([*cmd, str(tmp_path), *map(str, (dk, dv, n_q, n_kv, n_head, n_head_kv, scale, softcap, threads)),
+                ktype, vtype], tmp_path / "run.log")
     got = np.fromfile(tmp_path / "out.f32", dtype=np.float32).reshape(n_q, n_head, dv)
 
-    kd = ref.dequantize(qk).reshape(k.shape).astype(np.float64)
-    vd = ref.dequantize(qv).reshape(v.shape).astype(np.float64)
+    kd = KV_TYPES[ktype].dequantize(qk).reshape(k.shape).astype(np.float64)
+    vd = KV_TYPES[vtype].dequantize(qv).reshape(v.shape).astype(np.float64)
     want = attention_f64(q.astype(np.float64), kd, vd, mask.astype(np.float64), float(np.float32(scale)), softcap)
     # float32 logits, softmax and accumulation over the cells: errors of at most ~1e-6 of V's largest value; a
     # wrong row, head or mask would miss by about V's size
@@ -234,21 +257,25 @@ def check_fattn(cmd: list[str], tmp_path: Path, case: str) -> None:
     assert err < 2e-5 * np.abs(vd).max(), f"max error {err:.3g} (V up to {np.abs(vd).max():.3g})"
 
 
+@pytest.mark.parametrize("kv", KV_PAIRS)
 @pytest.mark.parametrize("case", list(FATTN_CASES))
-def test_native_flash_attention(native_check, tmp_path, case):
-    check_fattn(fattn_cmd(native_check), tmp_path, case)
+def test_native_flash_attention(native_check, tmp_path, case, kv):
+    check_fattn(fattn_cmd(native_check), tmp_path, case, kv)
 
 
+@pytest.mark.parametrize("kv", KV_PAIRS)
 @pytest.mark.parametrize("case", list(FATTN_CASES))
-def test_generic_flash_attention(generic_check, tmp_path, case):
-    check_fattn(fattn_cmd(generic_check), tmp_path, case)
+def test_generic_flash_attention(generic_check, tmp_path, case, kv):
+    check_fattn(fattn_cmd(generic_check), tmp_path, case, kv)
 
 
+@pytest.mark.parametrize("kv", KV_PAIRS)
 @pytest.mark.parametrize("case", list(FATTN_CASES))
-def test_avx512_flash_attention(avx512_check, tmp_path, case):
-    check_fattn(fattn_cmd(avx512_check), tmp_path, case)
+def test_avx512_flash_attention(avx512_check, tmp_path, case, kv):
+    check_fattn(fattn_cmd(avx512_check), tmp_path, case, kv)
 
 
+@pytest.mark.parametrize("kv", KV_PAIRS)
 @pytest.mark.parametrize("case", ["split-gqa4-d256", "short-gqa2-d64", "one-chunk-mha-d64", "tiled-d64"])
-def test_aarch64_flash_attention(aarch64_check, tmp_path, case):
-    check_fattn(fattn_cmd(aarch64_check), tmp_path, case)
+def test_aarch64_flash_attention(aarch64_check, tmp_path, case, kv):
+    check_fattn(fattn_cmd(aarch64_check), tmp_path, case, kv)

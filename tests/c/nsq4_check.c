@@ -1,12 +1,14 @@
-// Runs the CPU backend's NSQ4 kernels (the SIMD ones where the build has them) on data from Python, so that
+// Runs the CPU backend's NSQ4 and NSQ3 kernels (the SIMD ones where the build has them) on data from Python, so that
 // tests/test_simd.py can compare them with nsq_local/reference.py on every architecture it can run.
 //
-//   nsq4_check X.f32 Y.f32 K OUT_PREFIX   quantize X (nsq4) with from_float, convert Y to nsq4's vec_dot_type (F32:
-//                                         K.Q reads Q unrounded) and take the dot product of every K-value row:
-//                                         writes OUT_PREFIX.nsq4, .y (Y as vec_dot read it) and .dot (float32);
+//   nsq4_check TYPE X.f32 Y.f32 K OUT_PREFIX
+//                                         TYPE nsq4 or nsq3: quantize X with its from_float, convert Y to its
+//                                         vec_dot_type (F32: K.Q reads Q unrounded) and take the dot product of
+//                                         every K-value row: writes OUT_PREFIX.q (X quantized), .y (Y as vec_dot
+//                                         read it) and .dot (float32);
 //                                         and .mad: each Y row plus its quantized X row times the row's first Y
 //                                         value, by the fused V accumulation of flash attention; .doth and .madh:
-//                                         the same for NSQ4_HEADS query heads sharing each X row (grouped-query
+//                                         the same for NSQ_HEADS query heads sharing each X row (grouped-query
 //                                         attention's kernels), head h reading Y row (r + h) mod rows
 //   nsq4_check --bench TYPE N REPS        from_float throughput of TYPE over N float32 values, in GB/s of input
 #define _POSIX_C_SOURCE 199309L // clock_gettime
@@ -23,8 +25,24 @@
 void ggml_vec_mad_nsq4(int n, float * y, const void * vx, float v);
 void ggml_vec_dot_nsq4_f32_heads(int n, float * s, const void * vx, const float * y, size_t ys, int nh);
 void ggml_vec_mad_nsq4_heads(int n, float * y, size_t ys, const void * vx, const float * v, int nh);
+void ggml_vec_mad_nsq3(int n, float * y, const void * vx, float v);
+void ggml_vec_dot_nsq3_f32_heads(int n, float * s, const void * vx, const float * y, size_t ys, int nh);
+void ggml_vec_mad_nsq3_heads(int n, float * y, size_t ys, const void * vx, const float * v, int nh);
 
-enum { NSQ4_HEADS = 5 }; // one group of four and one head more
+struct nsq_kernels {
+    const char * name;
+    enum ggml_type type;
+    void (*mad)(int n, float * y, const void * vx, float v);
+    void (*dot_heads)(int n, float * s, const void * vx, const float * y, size_t ys, int nh);
+    void (*mad_heads)(int n, float * y, size_t ys, const void * vx, const float * v, int nh);
+};
+
+static const struct nsq_kernels KERNELS[] = {
+    { "nsq4", GGML_TYPE_NSQ4, ggml_vec_mad_nsq4, ggml_vec_dot_nsq4_f32_heads, ggml_vec_mad_nsq4_heads },
+    { "nsq3", GGML_TYPE_NSQ3, ggml_vec_mad_nsq3, ggml_vec_dot_nsq3_f32_heads, ggml_vec_mad_nsq3_heads },
+};
+
+enum { NSQ_HEADS = 5 }; // one group of four and one head more
 
 static void * read_file(const char * path, size_t * size) {
     FILE * f = fopen(path, "rb");
@@ -88,10 +106,19 @@ int main(int argc, char ** argv) {
     if (argc == 5 && strcmp(argv[1], "--bench") == 0) {
         return bench(argv[2], atoll(argv[3]), atoi(argv[4]));
     }
-    if (argc != 5) {
-        fprintf(stderr, "usage: %s X.f32 Y.f32 K OUT_PREFIX | --bench TYPE N REPS\n", argv[0]);
+    if (argc != 6) {
+        fprintf(stderr, "usage: %s nsq4|nsq3 X.f32 Y.f32 K OUT_PREFIX | --bench TYPE N REPS\n", argv[0]);
         return 2;
     }
+    const struct nsq_kernels * kern = NULL;
+    for (size_t i = 0; i < sizeof(KERNELS)/sizeof(KERNELS[0]); ++i) {
+        if (strcmp(argv[1], KERNELS[i].name) == 0) { kern = &KERNELS[i]; }
+    }
+    if (!kern) {
+        fprintf(stderr, "unknown type %s: this check runs nsq4 or nsq3\n", argv[1]);
+        return 2;
+    }
+    argv++;
     size_t nx, ny;
     float * x = read_file(argv[1], &nx);
     float * y = read_file(argv[2], &ny);
@@ -102,42 +129,43 @@ int main(int argc, char ** argv) {
         return 2;
     }
     const int64_t nrows = n / k;
-    const struct ggml_type_traits_cpu * nsq4 = ggml_get_type_traits_cpu(GGML_TYPE_NSQ4);
-    if (nsq4->vec_dot_type != GGML_TYPE_F32) {
-        fprintf(stderr, "nsq4's vec_dot_type is %s, this check expects f32\n", ggml_type_name(nsq4->vec_dot_type));
+    const struct ggml_type_traits_cpu * traits = ggml_get_type_traits_cpu(kern->type);
+    if (traits->vec_dot_type != GGML_TYPE_F32) {
+        fprintf(stderr, "%s's vec_dot_type is %s, this check expects f32\n", kern->name,
+                ggml_type_name(traits->vec_dot_type));
         return 1;
     }
-    const struct ggml_type_traits_cpu * vdt = ggml_get_type_traits_cpu(nsq4->vec_dot_type);
-    const size_t xrow = ggml_row_size(GGML_TYPE_NSQ4, k);
-    const size_t yrow = ggml_row_size(nsq4->vec_dot_type, k);
+    const struct ggml_type_traits_cpu * vdt = ggml_get_type_traits_cpu(traits->vec_dot_type);
+    const size_t xrow = ggml_row_size(kern->type, k);
+    const size_t yrow = ggml_row_size(traits->vec_dot_type, k);
     char  * qx  = malloc(nrows*xrow);
     char  * qy  = malloc(nrows*yrow);
     float * dot = malloc(nrows*sizeof(float));
     float * mad = malloc(nx);
     memcpy(mad, y, nx);
-    float * doth = malloc(NSQ4_HEADS*nrows*sizeof(float));
-    float * madh = malloc(NSQ4_HEADS*nx);
+    float * doth = malloc(NSQ_HEADS*nrows*sizeof(float));
+    float * madh = malloc(NSQ_HEADS*nx);
     for (int64_t r = 0; r < nrows; ++r) {
-        nsq4->from_float(x + r*k, qx + r*xrow, k);
+        traits->from_float(x + r*k, qx + r*xrow, k);
         vdt->from_float(y + r*k, qy + r*yrow, k);
-        nsq4->vec_dot((int) k, &dot[r], 0, qx + r*xrow, 0, qy + r*yrow, 0, 1);
-        ggml_vec_mad_nsq4((int) k, mad + r*k, qx + r*xrow, y[r*k]);
+        traits->vec_dot((int) k, &dot[r], 0, qx + r*xrow, 0, qy + r*yrow, 0, 1);
+        kern->mad((int) k, mad + r*k, qx + r*xrow, y[r*k]);
     }
     for (int64_t r = 0; r < nrows; ++r) {
-        float * heads = madh + r*NSQ4_HEADS*k;
-        float   v[NSQ4_HEADS];
-        for (int h = 0; h < NSQ4_HEADS; ++h) {
+        float * heads = madh + r*NSQ_HEADS*k;
+        float   v[NSQ_HEADS];
+        for (int h = 0; h < NSQ_HEADS; ++h) {
             memcpy(heads + h*k, y + (r + h) % nrows * k, k*sizeof(float));
             v[h] = heads[h*k];
         }
-        ggml_vec_dot_nsq4_f32_heads((int) k, doth + r*NSQ4_HEADS, qx + r*xrow, heads, k, NSQ4_HEADS);
-        ggml_vec_mad_nsq4_heads((int) k, heads, k, qx + r*xrow, v, NSQ4_HEADS);
+        kern->dot_heads((int) k, doth + r*NSQ_HEADS, qx + r*xrow, heads, k, NSQ_HEADS);
+        kern->mad_heads((int) k, heads, k, qx + r*xrow, v, NSQ_HEADS);
     }
-    write_file(argv[4], "nsq4", qx, nrows*xrow);
+    write_file(argv[4], "q", qx, nrows*xrow);
     write_file(argv[4], "y", qy, nrows*yrow);
     write_file(argv[4], "dot", dot, nrows*sizeof(float));
     write_file(argv[4], "mad", mad, nx);
-    write_file(argv[4], "doth", doth, NSQ4_HEADS*nrows*sizeof(float));
-    write_file(argv[4], "madh", madh, NSQ4_HEADS*nx);
+    write_file(argv[4], "doth", doth, NSQ_HEADS*nrows*sizeof(float));
+    write_file(argv[4], "madh", madh, NSQ_HEADS*nx);
     return 0;
 }

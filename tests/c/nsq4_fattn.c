@@ -1,16 +1,16 @@
-// Runs the CPU backend's flash attention (ggml_flash_attn_ext) over an NSQ4 K and V written from Python, so that
-// tests/test_simd.py can compare every CPU path NSQ4 takes with an attention computed in float64 from the reference
-// dequantization: decode split between threads (with grouped query heads, or upstream's split), decode on one_chunk,
-// prefill (tiled).
+// Runs the CPU backend's flash attention (ggml_flash_attn_ext) over a K and V cache written from Python (NSQ4 or NSQ3
+// each), so that tests/test_simd.py can compare every CPU path these types take with an attention computed in float64
+// from the reference dequantization: decode split between threads (with grouped query heads, or upstream's split),
+// decode on one_chunk, prefill (tiled).
 //
-//   nsq4_fattn DIR DK DV N_Q N_KV N_HEAD N_HEAD_KV SCALE SOFTCAP N_THREADS
+//   nsq4_fattn DIR DK DV N_Q N_KV N_HEAD N_HEAD_KV SCALE SOFTCAP N_THREADS K_TYPE V_TYPE
 //   nsq4_fattn --bench TYPE DK N_KV N_LIVE N_HEAD N_HEAD_KV N_THREADS REPS
 //
-// DIR holds q.f32 (N_HEAD x N_Q x DK), k.nsq4 (N_HEAD_KV x N_KV rows of DK), v.nsq4 (likewise, DV), mask.f32
-// (N_Q x N_KV, 0 or -inf); out.f32 (N_Q x N_HEAD x DV, ggml's layout of the result) is written there.
-// --bench times one decoding query over a TYPE cache (K and V, DK = DV) of random values, N_LIVE of whose N_KV cells
-// the mask lets through (a run that wraps around, as a sliding window in its ring of cells), and prints TYPE and the
-// median microseconds per call of REPS.
+// DIR holds q.f32 (N_HEAD x N_Q x DK), k.bin (N_HEAD_KV x N_KV rows of DK, in K_TYPE), v.bin (likewise, DV, in V_TYPE),
+// mask.f32 (N_Q x N_KV, 0 or -inf); out.f32 (N_Q x N_HEAD x DV, ggml's layout of the result) is written there.
+// --bench times one decoding query over a TYPE cache (K and V of TYPE, or of K/V for a TYPE "K/V", DK = DV) of random
+// values, N_LIVE of whose N_KV cells the mask lets through (a run that wraps around, as a sliding window in its ring
+// of cells), and prints TYPE and the median microseconds per call of REPS.
 #define _POSIX_C_SOURCE 199309L // clock_gettime
 #include "ggml.h"
 #include "ggml-cpu.h"
@@ -56,14 +56,21 @@ static int cmp_double(const void * a, const void * b) {
     return (x > y) - (x < y);
 }
 
-static int bench(char ** argv) {
-    enum ggml_type type = GGML_TYPE_COUNT;
+// the type named by the first len characters of name, or GGML_TYPE_COUNT
+static enum ggml_type type_named(const char * name, size_t len) {
     for (int t = 0; t < GGML_TYPE_COUNT; ++t) {
-        const char * name = ggml_type_name((enum ggml_type) t);
-        if (name && strcmp(name, argv[0]) == 0) { type = (enum ggml_type) t; }
+        const char * tn = ggml_type_name((enum ggml_type) t);
+        if (tn && strlen(tn) == len && strncmp(tn, name, len) == 0) { return (enum ggml_type) t; }
     }
-    if (type == GGML_TYPE_COUNT) {
-        fprintf(stderr, "unknown type %s\n", argv[0]);
+    return GGML_TYPE_COUNT;
+}
+
+static int bench(char ** argv) {
+    const char * slash = strchr(argv[0], '/');
+    const enum ggml_type ktype = type_named(argv[0], slash ? (size_t) (slash - argv[0]) : strlen(argv[0]));
+    const enum ggml_type vtype = slash ? type_named(slash + 1, strlen(slash + 1)) : ktype;
+    if (ktype == GGML_TYPE_COUNT || vtype == GGML_TYPE_COUNT) {
+        fprintf(stderr, "unknown type %s (a ggml type name, or K/V: two of them)\n", argv[0]);
         return 2;
     }
     const int64_t d = atoll(argv[1]), n_kv = atoll(argv[2]), n_live = atoll(argv[3]);
@@ -74,13 +81,13 @@ static int bench(char ** argv) {
                                        /*.mem_buffer =*/ NULL, /*.no_alloc =*/ false };
     struct ggml_context * ctx = ggml_init(params);
     struct ggml_tensor * q    = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, d, 1, n_head);
-    struct ggml_tensor * k    = ggml_new_tensor_3d(ctx, type, d, n_kv, n_head_kv);
-    struct ggml_tensor * v    = ggml_new_tensor_3d(ctx, type, d, n_kv, n_head_kv);
+    struct ggml_tensor * k    = ggml_new_tensor_3d(ctx, ktype, d, n_kv, n_head_kv);
+    struct ggml_tensor * v    = ggml_new_tensor_3d(ctx, vtype, d, n_kv, n_head_kv);
     struct ggml_tensor * mask = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, n_kv, 1);
     srand(1);
     fill_random(GGML_TYPE_F32, q, d*n_head, d);
-    fill_random(type, k, d*n_kv*n_head_kv, d);
-    fill_random(type, v, d*n_kv*n_head_kv, d);
+    fill_random(ktype, k, d*n_kv*n_head_kv, d);
+    fill_random(vtype, v, d*n_kv*n_head_kv, d);
     ggml_fp16_t * mp = mask->data;
     for (int64_t i = 0; i < n_kv; ++i) {
         mp[i] = ggml_fp32_to_fp16((i - n_kv/3 + n_kv) % n_kv < n_live ? 0.0f : -INFINITY);
@@ -122,8 +129,8 @@ int main(int argc, char ** argv) {
         ggml_cpu_init();
         return bench(argv + 2);
     }
-    if (argc != 11) {
-        fprintf(stderr, "usage: %s DIR DK DV N_Q N_KV N_HEAD N_HEAD_KV SCALE SOFTCAP N_THREADS\n"
+    if (argc != 13) {
+        fprintf(stderr, "usage: %s DIR DK DV N_Q N_KV N_HEAD N_HEAD_KV SCALE SOFTCAP N_THREADS K_TYPE V_TYPE\n"
                         "       %s --bench TYPE DK N_KV N_LIVE N_HEAD N_HEAD_KV N_THREADS REPS\n", argv[0], argv[0]);
         return 2;
     }
@@ -132,6 +139,12 @@ int main(int argc, char ** argv) {
     const int64_t n_head = atoll(argv[6]), n_head_kv = atoll(argv[7]);
     const float scale = (float) atof(argv[8]), softcap = (float) atof(argv[9]);
     const int n_threads = atoi(argv[10]);
+    const enum ggml_type ktype = type_named(argv[11], strlen(argv[11]));
+    const enum ggml_type vtype = type_named(argv[12], strlen(argv[12]));
+    if (ktype == GGML_TYPE_COUNT || vtype == GGML_TYPE_COUNT) {
+        fprintf(stderr, "unknown K or V type: %s, %s\n", argv[11], argv[12]);
+        return 2;
+    }
 
     ggml_cpu_init();
     // the work buffer of the tiled path comes out of the context too
@@ -139,13 +152,13 @@ int main(int argc, char ** argv) {
     struct ggml_context * ctx = ggml_init(params);
 
     struct ggml_tensor * q    = ggml_new_tensor_3d(ctx, GGML_TYPE_F32,  dk, n_q,  n_head);
-    struct ggml_tensor * k    = ggml_new_tensor_3d(ctx, GGML_TYPE_NSQ4, dk, n_kv, n_head_kv);
-    struct ggml_tensor * v    = ggml_new_tensor_3d(ctx, GGML_TYPE_NSQ4, dv, n_kv, n_head_kv);
+    struct ggml_tensor * k    = ggml_new_tensor_3d(ctx, ktype, dk, n_kv, n_head_kv);
+    struct ggml_tensor * v    = ggml_new_tensor_3d(ctx, vtype, dv, n_kv, n_head_kv);
     struct ggml_tensor * mask = ggml_new_tensor_2d(ctx, GGML_TYPE_F16,  n_kv, n_q);
 
     read_into(dir, "q.f32", q->data, ggml_nbytes(q));
-    read_into(dir, "k.nsq4", k->data, ggml_nbytes(k));
-    read_into(dir, "v.nsq4", v->data, ggml_nbytes(v));
+    read_into(dir, "k.bin", k->data, ggml_nbytes(k));
+    read_into(dir, "v.bin", v->data, ggml_nbytes(v));
     float * mask32 = malloc(n_q*n_kv*sizeof(float));
     read_into(dir, "mask.f32", mask32, n_q*n_kv*sizeof(float));
     ggml_fp32_to_fp16_row(mask32, mask->data, n_q*n_kv);
