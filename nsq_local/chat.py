@@ -2,7 +2,7 @@
 
     nsq-chat                                  # the bundled demo model (SmolLM2-135M-Instruct), nsq4 cache
     nsq-chat model.gguf --cache-type nsq4     # your model
-    nsq-chat -ctk nsq3 -ctv nsq3              # 3.25 bits a value instead of nsq4's 4.25
+    nsq-chat -ctk nsq3 -ctv nsq3              # about 3.5 bits a value instead of nsq4's 4.25
     nsq-chat -p "Why is the sky blue?"        # one answer, then exit
 
 In a conversation: /reset starts over, /stats shows the cache and the speed of the last answer, /exit or Ctrl-D
