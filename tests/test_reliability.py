@@ -163,7 +163,7 @@ def test_centered_nsq3_state_loads_only_into_a_context_centered_alike(model, tok
         buf = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
         with LogTap() as log:
             assert llama_cpp.llama_state_set_data(plain.ctx, buf, len(state)) != len(state)
-        assert re.search(r"the state's centered keys \(layer 0\) are centered by calibration [0-9a-f]{16}, this "
+        assert re.search(r"the state's nsq3 keys \(layer 0\) are centered by calibration [0-9a-f]{16}, this "
                          r"context's not centered: load the state into a context with the calibration it was saved "
                          r"with", "".join(log.lines)), log.tail()
     with Context(model, cache="nsq3", n_ctx=256, nsq_calib=nsq_calib) as same:
