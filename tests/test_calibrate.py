@@ -70,7 +70,7 @@ def test_llama_nsq_calib_argument(smollm2, calib, tmp_path):
     with pytest.raises(FileNotFoundError, match="NSQ4 calibration file not found"):
         llama_cpp.Llama(model_path=str(smollm2), type_k="nsq4", type_v="nsq4", nsq_calib=tmp_path / "no.gguf",
                         verbose=False)
-    with pytest.raises(ValueError, match="nsq_calib calibrates an nsq4 K cache"):
+    with pytest.raises(ValueError, match="nsq_calib calibrates an nsq4 or nsq3 K cache"):
         llama_cpp.Llama(model_path=str(smollm2), type_k="q4_0", nsq_calib=calib, verbose=False)
     llm = llama_cpp.Llama(model_path=str(smollm2), n_ctx=256, type_k="nsq4", type_v="nsq4", nsq_calib=calib,
                           verbose=False)

