@@ -29,15 +29,30 @@ GRID = 2047
 # the tables of ggml-common.h (kvalues_nsq4, kscales_nsq4); tests check they match the C ones
 KVALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.int64)
 KSCALES = np.array([100, 104, 108, 112, 116, 120, 123, 126, 129, 132, 135, 138, 141, 144, 148, 152], dtype=np.int64)
-_MIDS2 = KVALUES[:-1] + KVALUES[1:]  # twice the midpoints between neighbouring entries
 _ZERO_CODE = 8
 _FP16_MAX = np.float32(65504.0)
 _TINY = np.float32(2.0**-24)
 
 
-def _codes(xg: npt.NDArray[np.int64], scale: int) -> npt.NDArray[np.int64]:
-    """Nearest table entry to 8*xg/scale, ties to the lower entry, as integer threshold counts."""
-    return (16 * xg[..., None] > _MIDS2 * scale).sum(axis=-1)
+def _codes(xg: npt.NDArray[np.int64], kvalues: npt.NDArray[np.int64],
+           scales: npt.ArrayLike) -> npt.NDArray[np.int64]:
+    """Nearest entry of the sorted table kvalues to 8*xg/scale (a scale per block, or one for all), ties to the lower
+    entry, as integer threshold counts."""
+    mids2 = kvalues[:-1] + kvalues[1:]  # twice the midpoints between neighbouring entries
+    return (16 * xg[..., None] > mids2 * np.reshape(scales, (-1, 1, 1))).sum(axis=-1)
+
+
+def _search(xg: npt.NDArray[np.int64], kvalues: npt.NDArray[np.int64],
+            kscales: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+    """Step 3: each block's codes under the scale candidate of least integer squared error (the first on a tie)."""
+    best = np.zeros(xg.shape[0], dtype=np.int64)
+    best_err = np.full(xg.shape[0], np.iinfo(np.int64).max, dtype=np.int64)
+    for i, scale in enumerate(kscales):
+        err = ((8 * xg - kvalues[_codes(xg, kvalues, scale)] * scale) ** 2).sum(axis=1)
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        best = np.where(better, i, best)
+    return _codes(xg, kvalues, kscales[best])
 
 
 def _grid(xb: npt.NDArray[np.float32]) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.float32], npt.NDArray[np.int64]]:
@@ -60,15 +75,7 @@ def quantize(x: npt.ArrayLike) -> npt.NDArray[np.uint8]:
     special, amax, xg = _grid(xf.reshape(-1, QK))
     nb = xg.shape[0]
 
-    best = np.zeros(nb, dtype=np.int64)
-    best_err = np.full(nb, np.iinfo(np.int64).max, dtype=np.int64)
-    for i, scale in enumerate(KSCALES):
-        err = ((8 * xg - KVALUES[_codes(xg, int(scale))] * scale) ** 2).sum(axis=1)
-        better = err < best_err
-        best_err = np.where(better, err, best_err)
-        best = np.where(better, i, best)
-
-    codes = (16 * xg[..., None] > _MIDS2 * KSCALES[best][:, None, None]).sum(axis=-1)
+    codes = _search(xg, KVALUES, KSCALES)
     sxx = (xg * xg).sum(axis=1)
     sqq = (KVALUES[codes] ** 2).sum(axis=1)
     d = (amax / np.float32(GRID)) * np.sqrt(sxx.astype(np.float32) / sqq.astype(np.float32))
@@ -100,7 +107,6 @@ NSQ3_BITS_PER_VALUE = 8 * NSQ3_BLOCK_BYTES / QK
 # the tables of ggml-common.h (kvalues_nsq3: Lloyd-Max levels of a unit Gaussian scaled to 127; kscales_nsq3)
 NSQ3_KVALUES = np.array([-127, -79, -45, -14, 14, 45, 79, 127], dtype=np.int64)
 NSQ3_KSCALES = np.array([81, 85, 89, 93, 97, 102, 107, 112, 117, 122, 128, 134, 140, 147, 154, 161], dtype=np.int64)
-_NSQ3_MIDS2 = NSQ3_KVALUES[:-1] + NSQ3_KVALUES[1:]
 _NSQ3_ZERO_CODE = 3  # the code of 0 (ties go to the lower entry)
 
 
@@ -119,16 +125,7 @@ def quantize_nsq3(x: npt.ArrayLike) -> npt.NDArray[np.uint8]:
     special, amax, xg = _grid(xf.reshape(-1, QK))
     nb = xg.shape[0]
 
-    best = np.zeros(nb, dtype=np.int64)
-    best_err = np.full(nb, np.iinfo(np.int64).max, dtype=np.int64)
-    for i, scale in enumerate(NSQ3_KSCALES):
-        codes = (16 * xg[..., None] > _NSQ3_MIDS2 * scale).sum(axis=-1)
-        err = ((8 * xg - NSQ3_KVALUES[codes] * scale) ** 2).sum(axis=1)
-        better = err < best_err
-        best_err = np.where(better, err, best_err)
-        best = np.where(better, i, best)
-
-    codes = (16 * xg[..., None] > _NSQ3_MIDS2 * NSQ3_KSCALES[best][:, None, None]).sum(axis=-1)
+    codes = _search(xg, NSQ3_KVALUES, NSQ3_KSCALES)
     v = NSQ3_KVALUES[codes]
     ratio = (xg * v).sum(axis=1).astype(np.float32) / (v * v).sum(axis=1).astype(np.float32)
     d = (amax / np.float32(GRID)) * ratio

@@ -411,30 +411,37 @@ def cuda_claims(cuda_dir: Path, claims: dict, type_name: str) -> dict[str, str]:
     return found
 
 
+def check_claims_and_controls(cuda_dir: Path, claims: dict, t: str, tmp_path: Path) -> None:
+    """What the claims tests of NSQ4 and NSQ3 share: every claim of type t (e.g. "NSQ4") has its code and nothing else
+    is claimed, convert.cu converts t for the f16 fallback; negative controls: a copy whose get_rows dispatch lost
+    t's case, and one whose supports_op claims CPY t -> f16."""
+    assert cuda_claims(cuda_dir, claims, t) == {name: "" for name in [*claims, "unlisted"]}
+    convert = (cuda_dir / "convert.cu").read_text()
+    assert convert.count(f"case GGML_TYPE_{t}:") == 6, "to_fp16/bf16/fp32, contiguous and not: the f16 fallback's"
+
+    broken = tmp_path / "ggml-cuda"
+    shutil.copytree(cuda_dir, broken, ignore=shutil.ignore_patterns("template-instances", "vendors"))
+    getrows = (broken / "getrows.cu").read_text()
+    (broken / "getrows.cu").write_text(getrows.replace(f"case GGML_TYPE_{t}:", "case GGML_TYPE_COUNT:"))
+    assert cuda_claims(broken, claims, t)[f"get_rows {t.lower()}"] == "no code in getrows.cu"
+    (broken / "ggml-cuda.cu").write_text((cuda_dir / "ggml-cuda.cu").read_text().replace(
+        f"if (src0_type == GGML_TYPE_{t} && src1_type == GGML_TYPE_F32) {{",
+        f"if (src0_type == GGML_TYPE_{t} && src1_type == GGML_TYPE_F16) {{\n                    return true;\n"
+        f"                }}\n                if (src0_type == GGML_TYPE_{t} && src1_type == GGML_TYPE_F32) {{"))
+    assert cuda_claims(broken, claims, t)["unlisted"].startswith(f"1 {t} mention")
+
+
 def test_cuda_supports_op_claims_only_what_has_code(llama_src, tmp_path):
     """Every op supports_op claims for NSQ4 has a kernel (or the cuBLAS route) behind it, and nothing else is claimed;
     flash attention is upstream's own choice of kernel (ggml_cuda_get_best_fattn_kernel), which finds the nsq4-nsq4
     vector kernel or converts K and V to f16 (convert.cu). Negative control: the same check on a copy whose get_rows
     dispatch lost its NSQ4 case, and on one whose supports_op claims an extra pair."""
     cuda_dir = llama_src / "ggml" / "src" / "ggml-cuda"
-    assert cuda_claims(cuda_dir, CUDA_CLAIMS, "NSQ4") == {name: "" for name in [*CUDA_CLAIMS, "unlisted"]}
-    convert = (cuda_dir / "convert.cu").read_text()
-    assert convert.count("case GGML_TYPE_NSQ4:") == 6, "to_fp16/bf16/fp32, contiguous and not: the f16 fallback's"
+    check_claims_and_controls(cuda_dir, CUDA_CLAIMS, "NSQ4", tmp_path)
     fattn = (cuda_dir / "fattn.cu").read_text()
     assert re.search(r"case GGML_TYPE_Q8_0:\s*case GGML_TYPE_NSQ4:\s*(?:case GGML_TYPE_NSQ3:\s*)?return true;", fattn)
     assert "FATTN_VEC_CASES_ALL_D(NSQ4, NSQ4)" in fattn
     assert (cuda_dir / "template-instances" / "fattn-vec-instance-nsq4-nsq4.cu").is_file()
-
-    broken = tmp_path / "ggml-cuda"
-    shutil.copytree(cuda_dir, broken, ignore=shutil.ignore_patterns("template-instances", "vendors"))
-    getrows = (broken / "getrows.cu").read_text()
-    (broken / "getrows.cu").write_text(getrows.replace("case GGML_TYPE_NSQ4:", "case GGML_TYPE_COUNT:"))
-    assert cuda_claims(broken, CUDA_CLAIMS, "NSQ4")["get_rows nsq4"] == "no code in getrows.cu"
-    (broken / "ggml-cuda.cu").write_text((cuda_dir / "ggml-cuda.cu").read_text().replace(
-        "if (src0_type == GGML_TYPE_NSQ4 && src1_type == GGML_TYPE_F32) {",
-        "if (src0_type == GGML_TYPE_NSQ4 && src1_type == GGML_TYPE_F16) {\n                    return true;\n"
-        "                }\n                if (src0_type == GGML_TYPE_NSQ4 && src1_type == GGML_TYPE_F32) {"))
-    assert cuda_claims(broken, CUDA_CLAIMS, "NSQ4")["unlisted"].startswith("1 NSQ4 mention")
 
 
 def test_cuda_supports_op_claims_only_what_has_code_nsq3(llama_src, tmp_path):
@@ -442,9 +449,7 @@ def test_cuda_supports_op_claims_only_what_has_code_nsq3(llama_src, tmp_path):
     the nsq3-nsq3 and nsq4-nsq3 vector kernels (K and V converted to f16 for any other pair). Negative control: a copy
     whose get_rows dispatch lost its NSQ3 case, and one whose supports_op claims CPY nsq3 -> f16."""
     cuda_dir = llama_src / "ggml" / "src" / "ggml-cuda"
-    assert cuda_claims(cuda_dir, CUDA_CLAIMS_NSQ3, "NSQ3") == {name: "" for name in [*CUDA_CLAIMS_NSQ3, "unlisted"]}
-    convert = (cuda_dir / "convert.cu").read_text()
-    assert convert.count("case GGML_TYPE_NSQ3:") == 6, "to_fp16/bf16/fp32, contiguous and not: the f16 fallback's"
+    check_claims_and_controls(cuda_dir, CUDA_CLAIMS_NSQ3, "NSQ3", tmp_path)
     fattn = (cuda_dir / "fattn.cu").read_text()
     assert re.search(r"case GGML_TYPE_NSQ4:\s*case GGML_TYPE_NSQ3:\s*return true;", fattn)
     common = (cuda_dir / "fattn-common.cuh").read_text()
@@ -455,14 +460,3 @@ def test_cuda_supports_op_claims_only_what_has_code_nsq3(llama_src, tmp_path):
         instance = cuda_dir / "template-instances" / f"fattn-vec-instance-{k.lower()}-{v.lower()}.cu"
         assert all(f"DECL_FATTN_VEC_CASE({d:3d}, GGML_TYPE_{k}, GGML_TYPE_{v});" in instance.read_text()
                    for d in (64, 128, 256)), instance
-
-    broken = tmp_path / "ggml-cuda"
-    shutil.copytree(cuda_dir, broken, ignore=shutil.ignore_patterns("template-instances", "vendors"))
-    getrows = (broken / "getrows.cu").read_text()
-    (broken / "getrows.cu").write_text(getrows.replace("case GGML_TYPE_NSQ3:", "case GGML_TYPE_COUNT:"))
-    assert cuda_claims(broken, CUDA_CLAIMS_NSQ3, "NSQ3")["get_rows nsq3"] == "no code in getrows.cu"
-    (broken / "ggml-cuda.cu").write_text((cuda_dir / "ggml-cuda.cu").read_text().replace(
-        "if (src0_type == GGML_TYPE_NSQ3 && src1_type == GGML_TYPE_F32) {",
-        "if (src0_type == GGML_TYPE_NSQ3 && src1_type == GGML_TYPE_F16) {\n                    return true;\n"
-        "                }\n                if (src0_type == GGML_TYPE_NSQ3 && src1_type == GGML_TYPE_F32) {"))
-    assert cuda_claims(broken, CUDA_CLAIMS_NSQ3, "NSQ3")["unlisted"].startswith("1 NSQ3 mention")

@@ -24,22 +24,29 @@ def test_block_layout():
     assert ref.BITS_PER_VALUE == 4.25
 
 
+# each type's numpy reference: quantize, dequantize
+NUMPY = {"nsq4": (ref.quantize, ref.dequantize), "nsq3": (ref.quantize_nsq3, ref.dequantize_nsq3)}
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_random_blocks_bit_exact(seed):
+@pytest.mark.parametrize("t", list(NUMPY))
+def test_random_blocks_bit_exact(t, seed):
+    quantize, dequantize = NUMPY[t]
     x = random_blocks(seed, 2000)
-    c_ref = cquant.quantize("nsq4", x, "ref")
-    np.testing.assert_array_equal(ref.quantize(x), c_ref)
-    np.testing.assert_array_equal(cquant.quantize("nsq4", x, "cpu"), c_ref)
-    np.testing.assert_array_equal(ref.dequantize(c_ref), cquant.dequantize("nsq4", c_ref))
+    c_ref = cquant.quantize(t, x, "ref")
+    np.testing.assert_array_equal(quantize(x), c_ref)
+    np.testing.assert_array_equal(cquant.quantize(t, x, "cpu"), c_ref)
+    np.testing.assert_array_equal(dequantize(c_ref), cquant.dequantize(t, c_ref))
 
 
 @pytest.mark.parametrize("name", list(adversarial_blocks()))
-def test_adversarial_block_bit_exact(name):
+@pytest.mark.parametrize("t", list(NUMPY))
+def test_adversarial_block_bit_exact(t, name):
     x = adversarial_blocks()[name]
-    c_ref = cquant.quantize("nsq4", x, "ref")
-    np.testing.assert_array_equal(ref.quantize(x), c_ref)
-    np.testing.assert_array_equal(cquant.quantize("nsq4", x, "cpu"), c_ref)
-    y = cquant.dequantize("nsq4", c_ref)
+    c_ref = cquant.quantize(t, x, "ref")
+    np.testing.assert_array_equal(NUMPY[t][0](x), c_ref)
+    np.testing.assert_array_equal(cquant.quantize(t, x, "cpu"), c_ref)
+    y = cquant.dequantize(t, c_ref)
     assert np.isfinite(y).all(), "the cache must never hold NaN or Inf"
     d = c_ref[:2].view(np.float16)[0]
     assert np.isfinite(d) and d >= 0
@@ -110,24 +117,6 @@ def test_nsq3_codebook_and_layout_match_c():
     expected = ref.NSQ3_KVALUES[codes].astype(np.float32).reshape(-1)
     np.testing.assert_array_equal(cquant.dequantize("nsq3", raw), expected)
     np.testing.assert_array_equal(ref.dequantize_nsq3(raw), expected)
-
-
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_nsq3_random_blocks_bit_exact(seed):
-    x = random_blocks(seed, 2000)
-    c_ref = cquant.quantize("nsq3", x, "ref")
-    np.testing.assert_array_equal(ref.quantize_nsq3(x), c_ref)
-    np.testing.assert_array_equal(cquant.quantize("nsq3", x, "cpu"), c_ref)
-    np.testing.assert_array_equal(ref.dequantize_nsq3(c_ref), cquant.dequantize("nsq3", c_ref))
-
-
-@pytest.mark.parametrize("name", list(adversarial_blocks()))
-def test_nsq3_adversarial_block_bit_exact(name):
-    x = adversarial_blocks()[name]
-    c_ref = cquant.quantize("nsq3", x, "ref")
-    np.testing.assert_array_equal(ref.quantize_nsq3(x), c_ref)
-    np.testing.assert_array_equal(cquant.quantize("nsq3", x, "cpu"), c_ref)
-    assert np.isfinite(cquant.dequantize("nsq3", c_ref)).all(), "the cache must never hold NaN or Inf"
 
 
 def test_nsq3_special_blocks_store_zero():
