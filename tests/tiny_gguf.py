@@ -32,7 +32,7 @@ Shape = tuple[int, ...]
 
 def _write_tiny(path: Path, gguf_py: Path, arch: str, *, n_embd: int, n_layer: int, n_head: int, n_head_kv: int,
                 n_ff: int, rms_eps: float, add_kv: Callable, layer_tensors: Callable[[int], dict[str, Shape]],
-                tied_output: bool = False, seed: int = 0) -> Path:
+                tied_output: bool = False, seed: int = 0, context_length: int = 256, dtype=np.float32) -> Path:
     """The common part of every tiny model: the hparams that all architectures read, the tokenizer, token embedding,
     output norm and (unless `tied_output`) output, and the write-out. `add_kv(w)` adds the architecture's own keys to
     the gguf.GGUFWriter `w`; `layer_tensors(i)` gives the tensors of layer i as {name without "blk.i.": numpy shape}
@@ -44,7 +44,7 @@ def _write_tiny(path: Path, gguf_py: Path, arch: str, *, n_embd: int, n_layer: i
     finally:
         sys.path.remove(str(gguf_py))
     w = gguf.GGUFWriter(str(path), arch)
-    w.add_context_length(256)
+    w.add_context_length(context_length)
     w.add_embedding_length(n_embd)
     w.add_block_count(n_layer)
     w.add_feed_forward_length(n_ff)
@@ -65,7 +65,8 @@ def _write_tiny(path: Path, gguf_py: Path, arch: str, *, n_embd: int, n_layer: i
             data = shape
         else:
             data = np.ones(shape) if "norm" in name else rng.standard_normal(shape) * 0.02
-        w.add_tensor(name, data.astype(np.float32))
+        # norms and biases stay f32, as converted models keep them; a matrix may be f16 (`dtype`)
+        w.add_tensor(name, data.astype(dtype if data.ndim == 2 and "norm" not in name else np.float32))
 
     tensor("token_embd.weight", (N_VOCAB, n_embd))
     tensor("output_norm.weight", (n_embd,))
@@ -105,6 +106,19 @@ def write_tiny_llama(path: Path, gguf_py: Path, head_size: int, n_head: int = 2,
                                                 **({"attn_k.bias": k_bias[i].astype(np.float32)}
                                                    if i in k_bias else {}),
                                                 **_dense_ffn(n_embd, n_ff)})
+
+
+def write_llama_heads(path: Path, gguf_py: Path, n_head: int, n_head_kv: int, head_size: int, n_layer: int,
+                      n_ff: int, context_length: int) -> Path:
+    """A llama with a real model's attention shape (e.g. Llama-3-8B's: 32 query heads, 8 KV heads, head size 128)
+    and f16 weights, for speed at depth: what a decode step reads of its cache is that model's."""
+    n_embd = n_head * head_size
+    return _write_tiny(path, gguf_py, "llama", n_embd=n_embd, n_layer=n_layer, n_head=n_head, n_head_kv=n_head_kv,
+                       n_ff=n_ff, rms_eps=1e-5, add_kv=lambda w: w.add_rope_dimension_count(head_size),
+                       layer_tensors=lambda i: {"attn_norm.weight": (n_embd,),
+                                                **_attention(n_embd, n_head, n_head_kv, head_size),
+                                                **_dense_ffn(n_embd, n_ff)},
+                       context_length=context_length, dtype=np.float16)
 
 
 def write_tiny_gemma2_softcap(path: Path, gguf_py: Path, head_size: int = 64, n_head: int = 2, n_head_kv: int = 1,
