@@ -20,8 +20,8 @@ kit has two parts of at most 56 MiB each, one per `device run` call on the same 
           device, the KLD runs (q4_0, nsq4, nsq3 vs f16; GPU batched, GPU one token per micro-batch, CPU) and
           llama-bench on SmolLM2, then writes the combined results.
 
-Part 2 reads what part 1 left in gpu-kit-work/ (the device keeps ignored files between calls while the machine
-stays warm). Each part writes gpu-results.json/.md (the results so far), its logs and the selftest report under
+Part 2 reads what part 1 left in gpu-kit-work/: its build, the first half and part1.json (the device keeps ignored
+files between calls while the machine stays warm). Each part writes gpu-results.json/.md (the results so far), its logs and the selftest report under
 $OUT. A step that fails is recorded and the rest goes on; the exit status is non-zero when a step failed that should
 have run. On a machine without CUDA (the dry run) the CUDA steps are recorded as skipped and the rest run on the CPU
 at a smaller scale (shorter windows, depths 0 and 256, one layer of the generated model): the dry run shows that
@@ -239,15 +239,16 @@ def run(args) -> int:
     work.mkdir(exist_ok=True)
     cuda = shutil.which("nvidia-smi") is not None and shutil.which("nvcc") is not None
     s = device_setup(work, cuda)
-    saved = work / "results.json"
-    results = json.loads(saved.read_text()) if manifest["part"] == 2 and saved.is_file() else {
+    part1_results = work / "part1.json"  # part 2's results start from part 1's
+    results = json.loads(part1_results.read_text()) if manifest["part"] == 2 and part1_results.is_file() else {
         "device": gpu.gpu_name(), "date": time.strftime("%Y-%m-%d"), "steps": {}, "command": ""}
     results["command"] += ("; " if results["command"] else "") + f"part {manifest['part']}: " + shlex.join(
         ["python3", "bench/gpu_kit.py", *sys.argv[1:]])
     t0 = time.time()
     (part1 if manifest["part"] == 1 else part2)(kit, s, results["steps"])
     results[f"part{manifest['part']}_seconds"] = round(time.time() - t0, 1)
-    saved.write_text(json.dumps(results, indent=1) + "\n")
+    if manifest["part"] == 1:
+        part1_results.write_text(json.dumps(results, indent=1) + "\n")
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     print(gpu.write(results, out / "gpu-results"))
