@@ -596,7 +596,7 @@ def speed_check(dev: Device, run: ModelRun, depth: int, n_decode: int, threads: 
     """Decode tokens/s of f16, q4_0 and nsq4 caches (flash attention on) after a prefill of `depth` tokens. The
     three contexts decode in turns, one token each, and the speed is that of the median token: a busy machine
     slows the three alike, and a stall of one token does not count."""
-    from nsq_local.capture import Decoder
+    from nsq_local.calibrate import Decoder
 
     types = ("f16", "q4_0", "nsq4")
     decoders = []
