@@ -185,56 +185,9 @@ def host_quantize(exe: Path, x: np.ndarray, tmp_path: Path) -> tuple[np.ndarray,
     return np.fromfile(blocks, dtype=np.uint8), np.fromfile(values, dtype=np.float32)
 
 
-def adversarial_blocks(kvalues: np.ndarray = reference.KVALUES,
-                       kscales: np.ndarray = reference.KSCALES) -> dict[str, np.ndarray]:
-    """Special values, and every code threshold of the codebook kvalues under the scales kscales (NSQ4's by
-    default)."""
-    rng = np.random.default_rng(6)
-    n = reference.QK
-    blocks = {
-        "zeros": np.zeros(n),
-        "negative zeros": np.full(n, -0.0),
-        "tiny 1e-30": np.full(n, 1e-30),
-        "just below 2^-24": np.full(n, np.nextafter(np.float32(2.0**-24), np.float32(0))),
-        "exactly 2^-24": np.full(n, 2.0**-24),
-        "subnormals": rng.choice([-1, 1], n) * np.float32(1e-40),
-        "huge 3e38": rng.uniform(-3e38, 3e38, n),
-        "max float": np.full(n, np.finfo(np.float32).max),
-        "near fp16 max": rng.uniform(6e4, 65504.0, n) * rng.choice([-1, 1], n),
-        "d saturates": np.full(n, 1e9),
-        "constant": np.full(n, 0.75),
-        "one value": np.eye(1, n, 17)[0] * 3.5,
-        "one huge channel": np.concatenate([[1e4], rng.standard_normal(n - 1) * 1e-3]),
-        "one huge negative channel": np.concatenate([rng.standard_normal(n - 1), [-5e5]]),
-        "subnormal with normal": np.concatenate([[1.0], np.full(n - 1, 1e-40)]),
-        "rint ties": np.concatenate([[2047.0], np.arange(n - 1) - 31.5]),
-        "integer grid": np.concatenate([[2047.0], rng.integers(-2047, 2048, n - 1)]),
-        "alternating": np.tile([1.0, -1.0], n // 2),
-        "NaN": np.where(np.arange(n) == 5, np.nan, 1.0),
-        "+Inf": np.where(np.arange(n) == 63, np.inf, 1.0),
-        "-Inf": np.where(np.arange(n) == 0, -np.inf, 1.0),
-        "NaN and huge": np.where(np.arange(n) == 9, np.nan, 3e38),
-    }
-    # every threshold 16*xg == (kv[m] + kv[m+1])*S that the integer grid can hit exactly (ties go to the lower code)
-    mids = kvalues[:-1] + kvalues[1:]
-    ties = sorted({int(m * s) // 16 for m in mids for s in kscales if (m * s) % 16 == 0
-                   and abs(m * s) // 16 <= 2047})
-    ties = np.array(ties, dtype=np.float64)
-    for i in range(0, len(ties), n - 1):
-        chunk = ties[i:i + n - 1]
-        blocks[f"code thresholds {i}"] = np.concatenate([[2047.0], chunk, np.zeros(n - 1 - len(chunk))])
-    return {k: np.asarray(v, dtype=np.float32) for k, v in blocks.items()}
-
-
-def random_blocks(nb: int) -> np.ndarray:
-    rng = np.random.default_rng(2026)
-    scale = 10.0 ** rng.uniform(-8, 8, (nb, 1))
-    normal = rng.standard_normal((nb // 2, reference.QK))
-    heavy = rng.standard_t(2, (nb - nb // 2, reference.QK))
-    x = np.concatenate([normal, heavy]) * scale
-    outlier = rng.integers(0, reference.QK, nb)
-    x[np.arange(nb)[::7], outlier[::7]] *= 100  # a KV cache has outlier channels
-    return x.astype(np.float32)
+def random_blocks() -> np.ndarray:
+    """100,002 random blocks (nsq_local.reference.sample_blocks'), the host quantizers' random input."""
+    return helpers.random_blocks(2026, 33334)
 
 
 def check_bit_exact(exe: Path, x: np.ndarray, names: list[str], tmp_path: Path) -> None:
@@ -251,28 +204,28 @@ def check_bit_exact(exe: Path, x: np.ndarray, names: list[str], tmp_path: Path) 
 
 
 def test_nsq4_cuda_quantizer_adversarial(nsq4_host, tmp_path):
-    cases = adversarial_blocks()
+    cases = helpers.adversarial_blocks("nsq4")
     check_bit_exact(nsq4_host, np.stack(list(cases.values())), list(cases), tmp_path)
 
 
 def test_nsq4_cuda_quantizer_random(nsq4_host, tmp_path):
-    x = random_blocks(100000)
+    x = random_blocks()
     check_bit_exact(nsq4_host, x, [f"random block {i}" for i in range(len(x))], tmp_path)
 
 
 def test_nsq4_special_blocks_are_zero(nsq4_host, tmp_path):
     """The properties the adversarial cases are about, stated directly (not only 'same as the reference')."""
-    cases = adversarial_blocks()
+    cases = helpers.adversarial_blocks("nsq4")
     x = np.stack(list(cases.values()))
     blocks, values = host_quantize(nsq4_host, x, tmp_path)
     blocks = blocks.reshape(-1, reference.BLOCK_BYTES)
     d = blocks[:, :2].copy().view("<f2")[:, 0]
     names = list(cases)
     assert np.isfinite(values).all()
-    for name in ("zeros", "tiny 1e-30", "just below 2^-24", "subnormals", "NaN", "+Inf", "-Inf", "NaN and huge"):
+    for name in helpers.STORED_AS_ZERO:
         i = names.index(name)
         assert d[i] == 0 and (blocks[i, 2:] == 0x88).all(), name
-    for name in ("d saturates", "max float", "huge 3e38"):
+    for name in helpers.SATURATING:
         assert d[names.index(name)] == np.float16(65504.0), name
 
 
@@ -301,16 +254,6 @@ def host_quantize_nsq3(exe: Path, x: np.ndarray, tmp_path: Path) -> tuple[np.nda
             np.fromfile(codes, dtype=np.uint8).reshape(-1, 2, reference.QK))
 
 
-def nsq3_adversarial_blocks() -> dict[str, np.ndarray]:
-    """helpers' adversarial blocks, and this module's with NSQ3's code thresholds."""
-    cases = {f"helpers: {k}": v for k, v in helpers.adversarial_blocks().items()}
-    cases.update(adversarial_blocks(reference.NSQ3_KVALUES, reference.NSQ3_KSCALES))
-    # 63 values at max|x|: at the clipping scale 81 the error sum passes INT32_MAX (the reference sums in uint32); a
-    # wrapped int32 sum would choose that scale, which gives the last value another code
-    cases["error sum past INT32_MAX"] = np.concatenate([np.tile([1.0, -1.0], 32)[:63], [900 / 2047]]).astype(np.float32)
-    return cases
-
-
 def check_bit_exact_nsq3(exe: Path, x: np.ndarray, names: list[str], tmp_path: Path) -> None:
     blocks, values, codes = host_quantize_nsq3(exe, x, tmp_path)
     want = reference.quantize_nsq3(x).reshape(-1, reference.NSQ3_BLOCK_BYTES)
@@ -329,30 +272,29 @@ def check_bit_exact_nsq3(exe: Path, x: np.ndarray, names: list[str], tmp_path: P
 
 
 def test_nsq3_cuda_quantizer_adversarial(nsq3_host, tmp_path):
-    cases = nsq3_adversarial_blocks()
+    cases = helpers.adversarial_blocks("nsq3")
     check_bit_exact_nsq3(nsq3_host, np.stack(list(cases.values())), list(cases), tmp_path)
 
 
 def test_nsq3_cuda_quantizer_random(nsq3_host, tmp_path):
-    x = np.concatenate([random_blocks(100000), helpers.random_blocks(2026, 10000)])
+    x = random_blocks()
     check_bit_exact_nsq3(nsq3_host, x, [f"random block {i}" for i in range(len(x))], tmp_path)
 
 
 def test_nsq3_special_blocks_are_zero(nsq3_host, tmp_path):
     """As test_nsq4_special_blocks_are_zero: such blocks are stored as d = 0 with every code that of 0 (qs 0xff,
     qh 0), and d saturates at the fp16 maximum instead of becoming Inf."""
-    cases = nsq3_adversarial_blocks()
+    cases = helpers.adversarial_blocks("nsq3")
     x = np.stack(list(cases.values()))
     blocks, values, _ = host_quantize_nsq3(nsq3_host, x, tmp_path)
     blocks = blocks.reshape(-1, reference.NSQ3_BLOCK_BYTES)
     d = blocks[:, :2].copy().view("<f2")[:, 0]
     names = list(cases)
     assert np.isfinite(values).all()
-    for name in ("zeros", "tiny 1e-30", "just below 2^-24", "subnormals", "NaN", "+Inf", "-Inf", "NaN and huge",
-                 "helpers: NaN", "helpers: denormals"):
+    for name in helpers.STORED_AS_ZERO:
         i = names.index(name)
         assert d[i] == 0 and (blocks[i, 2:18] == 0xff).all() and (blocks[i, 18:] == 0).all(), name
-    for name in ("d saturates", "max float", "huge 3e38"):
+    for name in helpers.SATURATING:
         assert d[names.index(name)] == np.float16(65504.0), name
 
 
