@@ -19,7 +19,7 @@ one that goes into the cache. `read_cache(decoder)` parses `llama_state_seq_get_
 `llama_batch`/`llama_decode`: a Model and one context with a given cache type (its parameters from `context_params`,
 the environment llama.cpp reads as it creates the cache from `cache_env`), decoding token runs at given positions
 and returning their logits. It stores an nsq4 or nsq3 K cache uncentered; nsq_local.calibrate.Decoder, which nsq-ppl
-uses, centers it. This module imports nothing of nsq_local but _common: the calibration runs the model through it.
+uses, centers it. This module builds on _common and ggml_ops only: the calibration runs the model through it.
 """
 from __future__ import annotations
 
@@ -35,9 +35,9 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 import numpy.typing as npt
 
-from nsq_local._common import (DEVICE_TYPES, NSQ_CALIB_ENV, ROT_DISABLE_ENV, LogTap, centers_k, flash_attn_type,
-                               ggml_base, ggml_graph_api, ggml_registry, is_quantized, log_verbosity, scoped_env,
-                               type_id)
+from nsq_local._common import (NSQ_CALIB_ENV, ROT_DISABLE_ENV, LogTap, centers_k, flash_attn_type, ggml_base,
+                               ggml_registry, is_quantized, log_verbosity, scoped_env, type_id)
+from nsq_local.ggml_ops import DEVICE_TYPES, ggml_graph_api
 
 _STATE_MAGIC = 0xAF143CD8
 _ROT_LINE = re.compile(r"attn_rot_([kv]) = (\d)")
