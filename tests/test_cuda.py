@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 import pytest
@@ -164,136 +165,99 @@ def test_cuda_units_compile(cublas_include, llama_src, compile_commands):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# the quantizer of the CUDA kernels, run on the host
+# the quantizer and dequantizer of the CUDA kernels, and NSQ3's code unpacking of the flash-attention kernels, run on
+# the host
+
+
+class HostType(NamedTuple):
+    quantize: Callable[[np.ndarray], np.ndarray]  # the numpy reference's
+    dequantize: Callable[[np.ndarray], np.ndarray]
+    block_bytes: int
+    zero_codes: bytes  # the code bytes of a block stored as zero (d = 0, every code that of 0)
+
+
+HOST_TYPES = {
+    "nsq4": HostType(reference.quantize, reference.dequantize, reference.BLOCK_BYTES, bytes([0x88] * 32)),
+    "nsq3": HostType(reference.quantize_nsq3, reference.dequantize_nsq3, reference.NSQ3_BLOCK_BYTES,
+                     bytes([0xFF] * 16 + [0] * 8)),
+}
 
 
 @pytest.fixture(scope="module")
-def nsq4_host(llama_src) -> Path:
-    exe = OUT / "nsq4_host"
-    exe.parent.mkdir(parents=True, exist_ok=True)
-    proc = run([nvcc(), "-std=c++17", "-O2", "-x", "cu", "-I", llama_src / "ggml" / "src",
-                "-I", llama_src / "ggml" / "include", ROOT / "tests" / "cuda" / "nsq4_host.cu", "-o", exe])
-    assert proc.returncode == 0, proc.stderr[-4000:]
+def host_exe(llama_src) -> Callable[[str], Path]:
+    """tests/cuda/<type>_host.cu built for the host, once per type."""
+    built: dict[str, Path] = {}
+
+    def exe(qtype: str) -> Path:
+        if qtype not in built:
+            out = OUT / f"{qtype}_host"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            proc = run([nvcc(), "-std=c++17", "-O2", "-x", "cu", "-I", llama_src / "ggml" / "src",
+                        "-I", llama_src / "ggml" / "include", ROOT / "tests" / "cuda" / f"{qtype}_host.cu", "-o", out])
+            assert proc.returncode == 0, proc.stderr[-4000:]
+            built[qtype] = out
+        return built[qtype]
+
     return exe
 
 
-def host_quantize(exe: Path, x: np.ndarray, tmp_path: Path) -> tuple[np.ndarray, np.ndarray]:
-    src, blocks, values = tmp_path / "x.f32", tmp_path / "blocks.bin", tmp_path / "values.f32"
+def host_quantize(exe: Path, qtype: str, x: np.ndarray,
+                  tmp_path: Path) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
+    """The host program's blocks (block, bytes), their values (block, 64) and, for NSQ3, their codes as the
+    flash-attention kernels unpack them ([block, 2, 64]: 4 and 2 codes at a time)."""
+    outputs = ["blocks.bin", "values.f32"] + (["codes.bin"] if qtype == "nsq3" else [])
+    src = tmp_path / "x.f32"
     np.ascontiguousarray(x, dtype=np.float32).tofile(src)
-    proc = run([exe, src, blocks, values])
+    proc = run([exe, src, *(tmp_path / o for o in outputs)])
     assert proc.returncode == 0, proc.stderr
-    return np.fromfile(blocks, dtype=np.uint8), np.fromfile(values, dtype=np.float32)
+    blocks = np.fromfile(tmp_path / outputs[0], dtype=np.uint8).reshape(-1, HOST_TYPES[qtype].block_bytes)
+    values = np.fromfile(tmp_path / outputs[1], dtype=np.float32).reshape(-1, reference.QK)
+    codes = np.fromfile(tmp_path / outputs[2], dtype=np.uint8).reshape(-1, 2, reference.QK) if qtype == "nsq3" else None
+    return blocks, values, codes
 
 
-def random_blocks() -> np.ndarray:
-    """100,002 random blocks (nsq_local.reference.sample_blocks'), the host quantizers' random input."""
-    return helpers.random_blocks(2026, 33334)
-
-
-def check_bit_exact(exe: Path, x: np.ndarray, names: list[str], tmp_path: Path) -> None:
-    blocks, values = host_quantize(exe, x, tmp_path)
-    want = reference.quantize(x).reshape(-1, reference.BLOCK_BYTES)
-    got = blocks.reshape(-1, reference.BLOCK_BYTES)
+def check_bit_exact(exe: Path, qtype: str, x: np.ndarray, names: list[str], tmp_path: Path) -> None:
+    t = HOST_TYPES[qtype]
+    got, values, codes = host_quantize(exe, qtype, x, tmp_path)
+    want = t.quantize(x).reshape(-1, t.block_bytes)
     bad = np.flatnonzero((got != want).any(axis=1))
-    assert not len(bad), "blocks differ from nsq_local.reference: " + ", ".join(
+    assert not len(bad), f"{len(bad)} blocks differ from nsq_local.reference: " + ", ".join(
         f"{names[i]} (d {got[i, :2].view('<f2')[0]} vs {want[i, :2].view('<f2')[0]})" for i in bad[:8])
-    want_values = reference.dequantize(want.reshape(-1)).reshape(-1, reference.QK)
-    got_values = values.reshape(-1, reference.QK)
-    bad = np.flatnonzero((got_values.view(np.uint32) != want_values.view(np.uint32)).any(axis=1))
+    want_values = t.dequantize(want.reshape(-1)).reshape(-1, reference.QK)
+    bad = np.flatnonzero((values.view(np.uint32) != want_values.view(np.uint32)).any(axis=1))
     assert not len(bad), "dequantized values differ: " + ", ".join(names[i] for i in bad[:8])
+    if codes is not None:
+        want_codes = reference.nsq3_codes(want.reshape(-1))
+        for k, ne in enumerate((4, 2)):
+            bad = np.flatnonzero((codes[:, k] != want_codes).any(axis=1))
+            assert not len(bad), f"nsq3_codes_packed<{ne}> unpacks other codes: " + ", ".join(names[i] for i in bad[:8])
 
 
-def test_nsq4_cuda_quantizer_adversarial(nsq4_host, tmp_path):
-    cases = helpers.adversarial_blocks("nsq4")
-    check_bit_exact(nsq4_host, np.stack(list(cases.values())), list(cases), tmp_path)
+@pytest.mark.parametrize("qtype", HOST_TYPES)
+def test_cuda_quantizer_adversarial(host_exe, qtype, tmp_path):
+    cases = helpers.adversarial_blocks(qtype)
+    check_bit_exact(host_exe(qtype), qtype, np.stack(list(cases.values())), list(cases), tmp_path)
 
 
-def test_nsq4_cuda_quantizer_random(nsq4_host, tmp_path):
-    x = random_blocks()
-    check_bit_exact(nsq4_host, x, [f"random block {i}" for i in range(len(x))], tmp_path)
+@pytest.mark.parametrize("qtype", HOST_TYPES)
+def test_cuda_quantizer_random(host_exe, qtype, tmp_path):
+    x = helpers.random_blocks(2026, 33334)  # 100,002 blocks
+    check_bit_exact(host_exe(qtype), qtype, x, [f"random block {i}" for i in range(len(x))], tmp_path)
 
 
-def test_nsq4_special_blocks_are_zero(nsq4_host, tmp_path):
-    """The properties the adversarial cases are about, stated directly (not only 'same as the reference')."""
-    cases = helpers.adversarial_blocks("nsq4")
-    x = np.stack(list(cases.values()))
-    blocks, values = host_quantize(nsq4_host, x, tmp_path)
-    blocks = blocks.reshape(-1, reference.BLOCK_BYTES)
+@pytest.mark.parametrize("qtype", HOST_TYPES)
+def test_cuda_special_blocks_are_zero(host_exe, qtype, tmp_path):
+    """The properties the adversarial cases are about, stated directly (not only 'same as the reference'): such
+    blocks are stored as d = 0 with every code that of 0, and d saturates at the fp16 maximum instead of becoming
+    Inf."""
+    cases = helpers.adversarial_blocks(qtype)
+    blocks, values, _ = host_quantize(host_exe(qtype), qtype, np.stack(list(cases.values())), tmp_path)
     d = blocks[:, :2].copy().view("<f2")[:, 0]
     names = list(cases)
     assert np.isfinite(values).all()
     for name in helpers.STORED_AS_ZERO:
         i = names.index(name)
-        assert d[i] == 0 and (blocks[i, 2:] == 0x88).all(), name
-    for name in helpers.SATURATING:
-        assert d[names.index(name)] == np.float16(65504.0), name
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# NSQ3: the quantizer, the dequantizer and the flash-attention kernels' code unpacking, run on the host
-
-
-@pytest.fixture(scope="module")
-def nsq3_host(llama_src) -> Path:
-    exe = OUT / "nsq3_host"
-    exe.parent.mkdir(parents=True, exist_ok=True)
-    proc = run([nvcc(), "-std=c++17", "-O2", "-x", "cu", "-I", llama_src / "ggml" / "src",
-                "-I", llama_src / "ggml" / "include", ROOT / "tests" / "cuda" / "nsq3_host.cu", "-o", exe])
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return exe
-
-
-def host_quantize_nsq3(exe: Path, x: np.ndarray, tmp_path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """nsq3_host's blocks, their values, and their codes as the flash-attention kernels unpack them ([block, 2, 64]:
-    4 and 2 codes at a time)."""
-    src, blocks, values, codes = (tmp_path / n for n in ("x.f32", "blocks.bin", "values.f32", "codes.bin"))
-    np.ascontiguousarray(x, dtype=np.float32).tofile(src)
-    proc = run([exe, src, blocks, values, codes])
-    assert proc.returncode == 0, proc.stderr
-    return (np.fromfile(blocks, dtype=np.uint8), np.fromfile(values, dtype=np.float32),
-            np.fromfile(codes, dtype=np.uint8).reshape(-1, 2, reference.QK))
-
-
-def check_bit_exact_nsq3(exe: Path, x: np.ndarray, names: list[str], tmp_path: Path) -> None:
-    blocks, values, codes = host_quantize_nsq3(exe, x, tmp_path)
-    want = reference.quantize_nsq3(x).reshape(-1, reference.NSQ3_BLOCK_BYTES)
-    got = blocks.reshape(-1, reference.NSQ3_BLOCK_BYTES)
-    bad = np.flatnonzero((got != want).any(axis=1))
-    assert not len(bad), f"{len(bad)} blocks differ from nsq_local.reference.quantize_nsq3: " + ", ".join(
-        f"{names[i]} (d {got[i, :2].view('<f2')[0]} vs {want[i, :2].view('<f2')[0]})" for i in bad[:8])
-    want_values = reference.dequantize_nsq3(want.reshape(-1)).reshape(-1, reference.QK)
-    got_values = values.reshape(-1, reference.QK)
-    bad = np.flatnonzero((got_values.view(np.uint32) != want_values.view(np.uint32)).any(axis=1))
-    assert not len(bad), "dequantized values differ: " + ", ".join(names[i] for i in bad[:8])
-    want_codes = reference.nsq3_codes(want.reshape(-1))
-    for k, ne in enumerate((4, 2)):
-        bad = np.flatnonzero((codes[:, k] != want_codes).any(axis=1))
-        assert not len(bad), f"nsq3_codes_packed<{ne}> unpacks other codes: " + ", ".join(names[i] for i in bad[:8])
-
-
-def test_nsq3_cuda_quantizer_adversarial(nsq3_host, tmp_path):
-    cases = helpers.adversarial_blocks("nsq3")
-    check_bit_exact_nsq3(nsq3_host, np.stack(list(cases.values())), list(cases), tmp_path)
-
-
-def test_nsq3_cuda_quantizer_random(nsq3_host, tmp_path):
-    x = random_blocks()
-    check_bit_exact_nsq3(nsq3_host, x, [f"random block {i}" for i in range(len(x))], tmp_path)
-
-
-def test_nsq3_special_blocks_are_zero(nsq3_host, tmp_path):
-    """As test_nsq4_special_blocks_are_zero: such blocks are stored as d = 0 with every code that of 0 (qs 0xff,
-    qh 0), and d saturates at the fp16 maximum instead of becoming Inf."""
-    cases = helpers.adversarial_blocks("nsq3")
-    x = np.stack(list(cases.values()))
-    blocks, values, _ = host_quantize_nsq3(nsq3_host, x, tmp_path)
-    blocks = blocks.reshape(-1, reference.NSQ3_BLOCK_BYTES)
-    d = blocks[:, :2].copy().view("<f2")[:, 0]
-    names = list(cases)
-    assert np.isfinite(values).all()
-    for name in helpers.STORED_AS_ZERO:
-        i = names.index(name)
-        assert d[i] == 0 and (blocks[i, 2:18] == 0xff).all() and (blocks[i, 18:] == 0).all(), name
+        assert d[i] == 0 and blocks[i, 2:].tobytes() == HOST_TYPES[qtype].zero_codes, name
     for name in helpers.SATURATING:
         assert d[names.index(name)] == np.float16(65504.0), name
 
