@@ -55,8 +55,13 @@ def _search(xg: npt.NDArray[np.int64], kvalues: npt.NDArray[np.int64],
     return _codes(xg, kvalues, kscales[best])
 
 
-def _grid(xb: npt.NDArray[np.float32]) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.float32], npt.NDArray[np.int64]]:
-    """Steps 1 and 2, per block: which blocks are stored as zero, max|x| (1 for those), and the integer grid xg."""
+def _grid(x: npt.ArrayLike, name: str) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+    """Steps 1 and 2 for float32 values (a multiple of 64; name: the type, for the error), per block: which blocks
+    are stored as zero, max|x| (1 for those), and the integer grid xg."""
+    xf = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
+    if xf.size % QK:
+        raise ValueError(f"{name} quantizes blocks of {QK} values; got {xf.size} values, not a multiple of {QK}")
+    xb = xf.reshape(-1, QK)
     with np.errstate(invalid="ignore", over="ignore"):
         finite = np.isfinite(xb).all(axis=1)
         amax = np.abs(np.where(np.isfinite(xb), xb, 0)).max(axis=1, initial=np.float32(0))
@@ -67,24 +72,26 @@ def _grid(xb: npt.NDArray[np.float32]) -> tuple[npt.NDArray[np.bool_], npt.NDArr
     return special, amax, np.rint(xs * inv[:, None]).astype(np.int64)
 
 
+def _d_bytes(d: npt.NDArray[np.float32], special: npt.NDArray[np.bool_]) -> npt.NDArray[np.uint8]:
+    """Each block's d as its fp16 bytes (blocks, 2): saturated at the fp16 maximum instead of becoming Inf, 0 for the
+    blocks stored as zero."""
+    d = np.minimum(d.astype(np.float32), _FP16_MAX).astype(np.float16)
+    return np.where(special, np.float16(0), d).astype("<f2").view(np.uint8).reshape(-1, 2)
+
+
 def quantize(x: npt.ArrayLike) -> npt.NDArray[np.uint8]:
     """Quantize float32 values (size a multiple of 64) to NSQ4 blocks; returns the raw bytes, 34 per block."""
-    xf = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
-    if xf.size % QK:
-        raise ValueError(f"NSQ4 quantizes blocks of {QK} values; got {xf.size} values, not a multiple of {QK}")
-    special, amax, xg = _grid(xf.reshape(-1, QK))
+    special, amax, xg = _grid(x, "NSQ4")
     nb = xg.shape[0]
 
     codes = _search(xg, KVALUES, KSCALES)
     sxx = (xg * xg).sum(axis=1)
     sqq = (KVALUES[codes] ** 2).sum(axis=1)
     d = (amax / np.float32(GRID)) * np.sqrt(sxx.astype(np.float32) / sqq.astype(np.float32))
-    d = np.minimum(d.astype(np.float32), _FP16_MAX).astype(np.float16)
-    d = np.where(special, np.float16(0), d)
     codes = np.where(special[:, None], _ZERO_CODE, codes)
 
     out = np.empty((nb, BLOCK_BYTES), dtype=np.uint8)
-    out[:, :2] = d.astype("<f2").view(np.uint8).reshape(nb, 2)
+    out[:, :2] = _d_bytes(d, special)
     out[:, 2:] = (codes[:, : QK // 2] | (codes[:, QK // 2 :] << 4)).astype(np.uint8)
     return out.reshape(-1)
 
@@ -119,23 +126,18 @@ def quantize_nsq3(x: npt.ArrayLike) -> npt.NDArray[np.uint8]:
     the error sums fit uint32). Step 4 differs: d = (amax/2047) * (sum(xg*v) / sum(v*v)) in float32, v the codes'
     table values: the least-squares fit, not the norm.
     """
-    xf = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
-    if xf.size % QK:
-        raise ValueError(f"NSQ3 quantizes blocks of {QK} values; got {xf.size} values, not a multiple of {QK}")
-    special, amax, xg = _grid(xf.reshape(-1, QK))
+    special, amax, xg = _grid(x, "NSQ3")
     nb = xg.shape[0]
 
     codes = _search(xg, NSQ3_KVALUES, NSQ3_KSCALES)
     v = NSQ3_KVALUES[codes]
     ratio = (xg * v).sum(axis=1).astype(np.float32) / (v * v).sum(axis=1).astype(np.float32)
     d = (amax / np.float32(GRID)) * ratio
-    d = np.minimum(d.astype(np.float32), _FP16_MAX).astype(np.float16)
-    d = np.where(special, np.float16(0), d)
     codes = np.where(special[:, None], _NSQ3_ZERO_CODE, codes)
 
     lo, hi = codes & 3, codes >> 2
     out = np.empty((nb, NSQ3_BLOCK_BYTES), dtype=np.uint8)
-    out[:, :2] = d.astype("<f2").view(np.uint8).reshape(nb, 2)
+    out[:, :2] = _d_bytes(d, special)
     out[:, 2:18] = (lo.reshape(nb, 4, 16) << (2 * np.arange(4))[None, :, None]).sum(axis=1).astype(np.uint8)
     out[:, 18:] = (hi.reshape(nb, 8, 8) << np.arange(8)[None, None, :]).sum(axis=2).astype(np.uint8)
     return out.reshape(-1)
