@@ -31,6 +31,7 @@ FATTN_BOUND_F32 = 1e-5
 # or centering misses by about max|V|, an ignored mask by a good part of it.
 FATTN_BOUND_F16 = 2e-2
 
+
 @dataclass(frozen=True)
 class NsqType:
     """One of nsq-local's cache types, with its numpy reference (nsq_local.reference)."""
@@ -54,8 +55,8 @@ assert tuple(NSQ) == NSQ_TYPES
 
 def block_values(t: NsqType, seed: int = 1) -> tuple[npt.NDArray[np.float32], list[str]]:
     """Blocks of 64 values to store in type t (n, 64), and what each is: nsq_local.reference.sample_blocks' random
-    ones, its special values, and values on t's code-search and the grid's rounding ties. The same blocks in every
-    version (464 of them): reports sent back stay comparable."""
+    ones, its special values, and values on t's code-search and the grid's rounding ties: the 464 blocks that earlier
+    versions checked, bit for bit, so that the reports sent back stay comparable."""
     rng = np.random.default_rng(seed)
     parts = [ref.sample_blocks(rng, "random", 128), ref.sample_blocks(rng, "special"),
              ref.sample_blocks(rng, "code ties", 32, t.name), ref.sample_blocks(rng, "grid ties", 32)]

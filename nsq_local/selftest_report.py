@@ -19,6 +19,8 @@ PASS, FAIL, UNSUPPORTED, SKIPPED = "pass", "fail", "unsupported", "skipped"
 
 @dataclass
 class Check:
+    """What one check found on one device: its status, a line for the table and its figures for the JSON."""
+
     device: str
     name: str
     status: str
