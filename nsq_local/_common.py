@@ -216,62 +216,6 @@ def ggml_base() -> ctypes.CDLL:
     return base
 
 
-class InitParams(ctypes.Structure):
-    """ggml.h's struct ggml_init_params, which ggml_init takes by value."""
-
-    _fields_ = [("mem_size", ctypes.c_size_t), ("mem_buffer", ctypes.c_void_p), ("no_alloc", ctypes.c_bool)]
-
-
-GGML_PREC_F32 = 10  # ggml.h's enum ggml_prec: accumulate in float32, as llama.cpp asks of its flash attention
-
-# ggml-backend.h's enum ggml_backend_dev_type
-DEVICE_TYPES = {0: "CPU", 1: "GPU", 2: "IGPU", 3: "ACCEL", 4: "META"}
-
-_P = ctypes.c_void_p
-# the graph and backend functions of ggml-base that nsq-selftest calls: name -> (restype, argtypes)
-_GRAPH_API = {
-    "ggml_version": (ctypes.c_char_p, []),
-    "ggml_tensor_overhead": (ctypes.c_size_t, []),
-    "ggml_graph_overhead": (ctypes.c_size_t, []),
-    "ggml_init": (_P, [InitParams]),
-    "ggml_free": (None, [_P]),
-    "ggml_new_tensor_1d": (_P, [_P, ctypes.c_int, ctypes.c_int64]),
-    "ggml_new_tensor_2d": (_P, [_P, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]),
-    "ggml_new_tensor_3d": (_P, [_P, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]),
-    "ggml_set_rows": (_P, [_P, _P, _P, _P]),
-    "ggml_get_rows": (_P, [_P, _P, _P]),
-    "ggml_cpy": (_P, [_P, _P, _P]),
-    "ggml_flash_attn_ext": (_P, [_P, _P, _P, _P, _P, ctypes.c_float, ctypes.c_float, ctypes.c_float]),
-    "ggml_prec_set_acc": (ctypes.c_bool, [_P, ctypes.c_int]),
-    "ggml_new_graph": (_P, [_P]),
-    "ggml_build_forward_expand": (None, [_P, _P]),
-    "ggml_backend_dev_name": (ctypes.c_char_p, [_P]),
-    "ggml_backend_dev_description": (ctypes.c_char_p, [_P]),
-    "ggml_backend_dev_type": (ctypes.c_int, [_P]),
-    "ggml_backend_dev_memory": (None, [_P, ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t)]),
-    "ggml_backend_dev_backend_reg": (_P, [_P]),
-    "ggml_backend_dev_init": (_P, [_P, ctypes.c_char_p]),
-    "ggml_backend_dev_supports_op": (ctypes.c_bool, [_P, _P]),
-    "ggml_backend_reg_get_proc_address": (_P, [_P, ctypes.c_char_p]),
-    "ggml_backend_alloc_ctx_tensors": (_P, [_P, _P]),
-    "ggml_backend_buffer_free": (None, [_P]),
-    "ggml_backend_tensor_set": (None, [_P, _P, ctypes.c_size_t, ctypes.c_size_t]),
-    "ggml_backend_graph_compute": (ctypes.c_int, [_P, _P]),
-    "ggml_backend_free": (None, [_P]),
-}
-
-
-@lru_cache(maxsize=None)
-def ggml_graph_api() -> ctypes.CDLL:
-    """ggml-base with the signatures of what building and running one op on a backend device takes (nsq-selftest):
-    contexts, tensors, the NSQ4 ops, graphs, devices, buffers."""
-    base = ggml_base()
-    for name, (restype, argtypes) in _GRAPH_API.items():
-        fn = getattr(base, name)
-        fn.restype, fn.argtypes = restype, argtypes
-    return base
-
-
 @lru_cache(maxsize=None)
 def ggml_registry() -> ctypes.CDLL:
     """ggml (the backend registry), after llama.cpp has registered its backends (llama_backend_init loads them in a

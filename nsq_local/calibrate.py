@@ -35,7 +35,9 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 import numpy.typing as npt
 
-from nsq_local._common import NSQ_CALIB_ENV
+from nsq_local import cache_sim, capture
+from nsq_local._common import NSQ_CALIB_ENV, centers_k
+from nsq_local.cquant import bits_per_value
 from nsq_local.models import cache_dir, file_sha256
 from nsq_local.reference import QK
 
@@ -67,8 +69,6 @@ class HeadSizeError(ValueError):
 def k_means(model: Path, text: str, n_ctx: int = 2048, chunks: int = 2, n_threads: Optional[int] = None,
             progress: bool = True) -> tuple[list[npt.NDArray[np.float32]], int]:
     """Mean post-RoPE K vector of each layer, flattened (n_head_kv*head_dim), over `chunks` windows of n_ctx tokens."""
-    from nsq_local import capture
-
     sums: list[npt.NDArray[np.float64]] = []
     count = 0
     with capture.Capturer(model, n_ctx, parts="k", n_threads=n_threads) as cap:
@@ -169,8 +169,6 @@ def layer_types(model: Path, text: str, means: Sequence[npt.NDArray[np.float32]]
     below (else the most precise), as long as the cache's average bits per K+V value stay within the budget (V in the
     cache's type). Only nsq4 and nsq3 keys are centered (as llama.cpp does).
     """
-    from nsq_local import cache_sim, capture
-
     with capture.Capturer(model, n_ctx, n_threads=n_threads) as cap:
         qkv = cap.run(cap.model.tokenize(text[:16 * n_ctx])[:n_ctx])
     rot = cache_sim.rot_block_k(qkv.k[0].shape[-1])
@@ -210,8 +208,6 @@ def _layer_types(kl: Callable[[int, str], float], sizes: tuple[list[int], list[i
     """layer_types for a cache of type `base`, given each layer's attention KL per K type and the K and V values per
     token of each layer. For nsq3, once the outliers have theirs, the other layers get nsq4 keys in the order of the
     attention KL they gain per added bit, while the budget lasts."""
-    from nsq_local.cquant import bits_per_value
-
     t0 = time.time()
     prefix = "nsq." if base == "nsq4" else f"nsq.{base}."
     n_k, n_v = sizes
@@ -333,6 +329,16 @@ def _default(model: Path, model_ptr: object) -> Optional[Path]:
         print(f"nsq-local: warning: calibrating {model.name} failed, so its nsq4 K cache is not centered: {e}",
               file=sys.stderr)
         return None
+
+
+class Decoder(capture.Decoder):
+    """capture.Decoder with an nsq4 or nsq3 K cache centered as llama_cpp.Llama centers it (resolve): nsq_calib None
+    (the default) for the default calibration, made on first use, a file from nsq-calibrate, or False for none."""
+
+    def _calibration(self, type_k: int, nsq_calib: capture.NsqCalib) -> Optional[Path]:
+        if centers_k(type_k):
+            return resolve(self.model.path, self.model.ptr, nsq_calib)
+        return super()._calibration(type_k, nsq_calib)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -16,9 +16,10 @@ one that goes into the cache. `read_cache(decoder)` parses `llama_state_seq_get_
 (raw rows of its ggml type), which is how the tests show that the captured K/V are what the cache stores.
 
 `Model` is a loaded GGUF with its vocabulary (tokenize, metadata, sizes). `Decoder` is the small wrapper over
-`llama_batch`/`llama_decode` that nsq-ppl also uses: a Model and one context with a given cache type (its parameters
-from `context_params`, the environment llama.cpp reads as it creates the cache from `cache_env`), decoding token
-runs at given positions and returning their logits.
+`llama_batch`/`llama_decode`: a Model and one context with a given cache type (its parameters from `context_params`,
+the environment llama.cpp reads as it creates the cache from `cache_env`), decoding token runs at given positions
+and returning their logits. It stores an nsq4 or nsq3 K cache uncentered; nsq_local.calibrate.Decoder, which nsq-ppl
+uses, centers it. This module builds on _common and ggml_ops only: the calibration runs the model through it.
 """
 from __future__ import annotations
 
@@ -34,9 +35,9 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 import numpy.typing as npt
 
-from nsq_local._common import (DEVICE_TYPES, NSQ_CALIB_ENV, ROT_DISABLE_ENV, LogTap, centers_k, flash_attn_type,
-                               ggml_base, ggml_graph_api, ggml_registry, is_quantized, log_verbosity, scoped_env,
-                               type_id)
+from nsq_local._common import (NSQ_CALIB_ENV, ROT_DISABLE_ENV, LogTap, centers_k, flash_attn_type, ggml_base,
+                               ggml_registry, is_quantized, log_verbosity, scoped_env, type_id)
+from nsq_local.ggml_ops import DEVICE_TYPES, ggml_graph_api
 
 _STATE_MAGIC = 0xAF143CD8
 _ROT_LINE = re.compile(r"attn_rot_([kv]) = (\d)")
@@ -224,10 +225,11 @@ class Decoder:
     """A Model and one llama.cpp context with a given KV cache, driven by llama_decode.
 
     rotation=False sets LLAMA_ATTN_ROT_DISABLE=1 while the context is created (upstream reads it then);
-    `attn_rot` tells what llama.cpp reported: {'k': bool, 'v': bool}. nsq_calib (an nsq4 or nsq3 K cache only) is
-    what llama_cpp.Llama takes: None for the default calibration, a file from nsq-calibrate, False for none; the
-    `nsq_calib` attribute is the file the keys are centered by, or None. device: the ggml device that holds the model
-    and its cache (model_params; None: llama.cpp's default).
+    `attn_rot` tells what llama.cpp reported: {'k': bool, 'v': bool}. nsq_calib: an nsq4 or nsq3 K cache is stored
+    uncentered (False) here, and centered by calibrate.Decoder, which takes what llama_cpp.Llama takes (None for
+    the default calibration, a file from nsq-calibrate, False for none); the `nsq_calib` attribute is the file the
+    keys are centered by, or None. device: the ggml
+    device that holds the model and its cache (model_params; None: llama.cpp's default).
     """
 
     def __init__(self, model_path: Union[str, Path], n_ctx: int = 512, type_k: str = "f16", type_v: str = "f16",
@@ -266,13 +268,16 @@ class Decoder:
             self.attn_rot[m.group(1)] = m.group(2) == "1"
 
     def _calibration(self, type_k: int, nsq_calib: NsqCalib) -> Optional[Path]:
-        if centers_k(type_k):
-            from nsq_local import calibrate
-
-            # as llama_cpp.Llama does it: centered by default
-            return calibrate.resolve(self.model.path, self.model.ptr, nsq_calib)
-        if nsq_calib:
-            raise ValueError(f"an NSQ calibration applies to an nsq4 or nsq3 K cache, not {self.type_k}")
+        """The calibration file the keys are centered by (None: not centered). This class stores an nsq4 or nsq3 K
+        cache uncentered only (nsq_calib=False): a calibration is made by running the model through it, so the
+        Decoder that centers (calibrate.Decoder) is built on this one, not the reverse."""
+        if not centers_k(type_k):
+            if nsq_calib:
+                raise ValueError(f"an NSQ calibration applies to an nsq4 or nsq3 K cache, not {self.type_k}")
+            return None
+        if nsq_calib is not False:
+            raise ValueError(f"capture.Decoder stores an {self.type_k} K cache uncentered only (nsq_calib=False): "
+                             "nsq_local.calibrate.Decoder centers it, as llama_cpp.Llama does")
         return None
 
     def __enter__(self) -> "Decoder":
@@ -432,8 +437,8 @@ def capture_qkv(model_path: Union[str, Path], tokens: Sequence[int], n_ctx: Opti
     graph. Arrays are float32: q[il] (n_tokens, n_head, head_dim), k[il] and v[il] (n_tokens, n_head_kv, head_dim).
     The model runs with a cache of type_k/type_v (default f32: the model's own values at every layer; a lossy type
     gives the values that model computes when its earlier layers read that cache). n_ctx defaults to len(tokens);
-    the tokens are decoded n_ubatch at a time, as llama_decode would split them. nsq_calib is Decoder's: K is
-    captured before an nsq4 cache centers it. For several runs on one model, use a Capturer.
+    the tokens are decoded n_ubatch at a time, as llama_decode would split them. nsq_calib is Decoder's (False for
+    an nsq4 or nsq3 cache). For several runs on one model, use a Capturer.
     """
     if len(tokens) == 0:
         raise ValueError("capture_qkv needs at least one token")

@@ -41,7 +41,8 @@ import numpy.typing as npt
 
 from nsq_local._common import (CACHE_TYPES, EXIT_USAGE, FLASH_ATTN, NSQ_TYPES, UNCENTERED, UsageError, is_quantized,
                                nsq_calib_arg, pyplot, storage_type)
-from nsq_local.capture import Decoder, LlamaError, Model
+from nsq_local.calibrate import Decoder
+from nsq_local.capture import LlamaError, Model
 
 _ROWS = 64  # logits rows per log-softmax block: bounds the float64 temporaries to a few tens of MB
 

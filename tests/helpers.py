@@ -1,6 +1,6 @@
 """What the tests share; their fixtures are in conftest.py. No test module imports another: what two of them use is
-here. Paths, optional tools, running programs, the KL divergence, llama-perplexity, and the NSQ4 blocks and
-kernel check of the reference, SIMD and sanitizer tests.
+here. Paths, optional tools, running programs, the KL divergence, llama-perplexity, and the NSQ blocks (from
+nsq_local.reference.sample_blocks) and kernel check of the reference, CUDA, Metal, SIMD and sanitizer tests.
 """
 from __future__ import annotations
 
@@ -91,39 +91,30 @@ def perplexity(tool, model: Path, text: Path, cache: str, env: dict | None = Non
     return float(m.group(1)), out
 
 
-# --- NSQ4 blocks and the CPU kernels' check ---------------------------------------------------------------------------
+# --- NSQ blocks and the CPU kernels' check ----------------------------------------------------------------------------
+# the blocks are nsq_local.reference.sample_blocks', the one generator of every bit-exactness check
+
+
 def random_blocks(seed: int, n: int) -> np.ndarray:
-    """Gaussian, heavy-tailed and outlier-channel blocks with norms spread over many decades."""
-    rng = np.random.default_rng(seed)
-    gauss = rng.standard_normal((n, 64))
-    heavy = rng.standard_t(2, (n, 64))
-    outlier = rng.standard_normal((n, 64))
-    outlier[:, rng.integers(0, 64, n)] *= 50
-    x = np.concatenate([gauss, heavy, outlier]) * rng.lognormal(0, 3, (3 * n, 1))
-    return x.astype(np.float32)
+    """3n blocks: Gaussian, heavy-tailed and one-outlier blocks with norms spread over many decades."""
+    return ref.sample_blocks(seed, "random", n)[0]
 
 
-def adversarial_blocks() -> dict[str, np.ndarray]:
+def adversarial_blocks(qtype: str = "nsq4") -> dict[str, np.ndarray]:
+    """The named blocks, by name: special values, edges of the arithmetic, and every code-search threshold of qtype."""
     rng = np.random.default_rng(7)
-    base = rng.standard_normal(64).astype(np.float32)
-    blocks = {
-        "zeros": np.zeros(64),
-        "one huge channel": np.where(np.arange(64) == 5, 1e4, 1e-3),
-        "one channel only": np.where(np.arange(64) == 63, -3.0, 0.0),
-        "1e-30 values": np.full(64, 1e-30),
-        "denormals": np.full(64, 1e-40) * np.sign(base),
-        "just above the zero threshold": base / np.abs(base).max() * 2.0**-24,
-        "near fp16 max": 65000.0 * np.sign(base),
-        "beyond fp16 range": base * 1e6,
-        "near float max": np.full(64, 3e38) * np.sign(base),
-        "NaN": np.where(np.arange(64) == 9, np.nan, base),
-        "+Inf": np.where(np.arange(64) == 0, np.inf, base),
-        "-Inf": np.where(np.arange(64) == 63, -np.inf, base),
-        "all equal": np.full(64, 0.5),
-        "all negative": -np.abs(base),
-        "ties on the grid": np.round(base * 8) / 8,
-    }
-    return {k: np.asarray(v, dtype=np.float32) for k, v in blocks.items()}
+    blocks: dict[str, np.ndarray] = {}
+    for kind in ("special", "edge", "code thresholds"):
+        x, names = ref.sample_blocks(rng, kind, qtype=qtype)
+        blocks.update(zip(names, x))
+    return blocks
+
+
+# adversarial blocks that every quantizer stores as d = 0 with every code that of 0 (NaN, Inf, or max|x| below
+# 2**-24), and those whose d saturates at the fp16 maximum instead of becoming Inf
+STORED_AS_ZERO = ("all zero", "negative zeros", "1e-30 values", "float32 denormals", "just below 2^-24", "NaN",
+                  "+Inf", "-Inf", "NaN and huge")
+SATURATING = ("near float32 max", "float32 max", "huge of both signs", "d saturates")
 
 
 class KVType(NamedTuple):
@@ -131,37 +122,22 @@ class KVType(NamedTuple):
     quantize: Callable[[np.ndarray], np.ndarray]
     dequantize: Callable[[np.ndarray], np.ndarray]
     block_bytes: int
-    kvalues: np.ndarray
-    kscales: np.ndarray
 
 
 KV_TYPES = {
-    "nsq4": KVType(ref.quantize, ref.dequantize, ref.BLOCK_BYTES, ref.KVALUES, ref.KSCALES),
-    "nsq3": KVType(ref.quantize_nsq3, ref.dequantize_nsq3, ref.NSQ3_BLOCK_BYTES, ref.NSQ3_KVALUES, ref.NSQ3_KSCALES),
+    "nsq4": KVType(ref.quantize, ref.dequantize, ref.BLOCK_BYTES),
+    "nsq3": KVType(ref.quantize_nsq3, ref.dequantize_nsq3, ref.NSQ3_BLOCK_BYTES),
 }
 
 
 def kernel_inputs(qtype: str = "nsq4") -> dict[str, np.ndarray]:
     """Blocks for the kernels: random, adversarial, and values exactly on qtype's code thresholds and grid ties."""
-    t = KV_TYPES[qtype]
     rng = np.random.default_rng(11)
-    # xg = 16*xg > (kv[m]+kv[m+1])*S holds with equality when xg = mid*S/16; a block whose max is 2047 puts
-    # every such integer xg on the grid exactly
-    mids = (t.kvalues[:-1] + t.kvalues[1:])[None, :] * t.kscales[:, None]
-    on_thresholds = (mids[mids % 16 == 0] // 16).astype(np.float32)
-    on_thresholds = on_thresholds[np.abs(on_thresholds) <= 2047]
-    tie_blocks = []
-    for _ in range(64):
-        b = rng.choice(on_thresholds, 64).astype(np.float32)
-        b[rng.integers(64)] = 2047 * rng.choice([-1, 1])
-        tie_blocks.append(b * np.float32(2.0 ** rng.integers(-20, 20)))
-    half_steps = rng.integers(-4094, 4095, (64, 64)).astype(np.float32) / 2  # x*inv = n + 0.5: round half even
-    half_steps[:, 0] = 2047
     return {
         "random": random_blocks(3, 300),
-        "adversarial": np.stack(list(adversarial_blocks().values())),
-        "thresholds": np.stack(tie_blocks),
-        "grid ties": half_steps,
+        "adversarial": np.stack(list(adversarial_blocks(qtype).values())),
+        "thresholds": ref.sample_blocks(rng, "code ties", 64, qtype)[0],
+        "grid ties": ref.sample_blocks(rng, "grid ties", 64)[0],
     }
 
 

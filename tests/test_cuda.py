@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 import pytest
@@ -164,195 +165,100 @@ def test_cuda_units_compile(cublas_include, llama_src, compile_commands):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# the quantizer of the CUDA kernels, run on the host
+# the quantizer and dequantizer of the CUDA kernels, and NSQ3's code unpacking of the flash-attention kernels, run on
+# the host
+
+
+class HostType(NamedTuple):
+    quantize: Callable[[np.ndarray], np.ndarray]  # the numpy reference's
+    dequantize: Callable[[np.ndarray], np.ndarray]
+    block_bytes: int
+    zero_codes: bytes  # the code bytes of a block stored as zero (d = 0, every code that of 0)
+
+
+HOST_TYPES = {
+    "nsq4": HostType(reference.quantize, reference.dequantize, reference.BLOCK_BYTES, bytes([0x88] * 32)),
+    "nsq3": HostType(reference.quantize_nsq3, reference.dequantize_nsq3, reference.NSQ3_BLOCK_BYTES,
+                     bytes([0xFF] * 16 + [0] * 8)),
+}
 
 
 @pytest.fixture(scope="module")
-def nsq4_host(llama_src) -> Path:
-    exe = OUT / "nsq4_host"
-    exe.parent.mkdir(parents=True, exist_ok=True)
-    proc = run([nvcc(), "-std=c++17", "-O2", "-x", "cu", "-I", llama_src / "ggml" / "src",
-                "-I", llama_src / "ggml" / "include", ROOT / "tests" / "cuda" / "nsq4_host.cu", "-o", exe])
-    assert proc.returncode == 0, proc.stderr[-4000:]
+def host_exe(llama_src) -> Callable[[str], Path]:
+    """tests/cuda/<type>_host.cu built for the host, once per type."""
+    built: dict[str, Path] = {}
+
+    def exe(qtype: str) -> Path:
+        if qtype not in built:
+            out = OUT / f"{qtype}_host"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            proc = run([nvcc(), "-std=c++17", "-O2", "-x", "cu", "-I", llama_src / "ggml" / "src",
+                        "-I", llama_src / "ggml" / "include", ROOT / "tests" / "cuda" / f"{qtype}_host.cu", "-o", out])
+            assert proc.returncode == 0, proc.stderr[-4000:]
+            built[qtype] = out
+        return built[qtype]
+
     return exe
 
 
-def host_quantize(exe: Path, x: np.ndarray, tmp_path: Path) -> tuple[np.ndarray, np.ndarray]:
-    src, blocks, values = tmp_path / "x.f32", tmp_path / "blocks.bin", tmp_path / "values.f32"
+def host_quantize(exe: Path, qtype: str, x: np.ndarray,
+                  tmp_path: Path) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
+    """The host program's blocks (block, bytes), their values (block, 64) and, for NSQ3, their codes as the
+    flash-attention kernels unpack them ([block, 2, 64]: 4 and 2 codes at a time)."""
+    outputs = ["blocks.bin", "values.f32"] + (["codes.bin"] if qtype == "nsq3" else [])
+    src = tmp_path / "x.f32"
     np.ascontiguousarray(x, dtype=np.float32).tofile(src)
-    proc = run([exe, src, blocks, values])
+    proc = run([exe, src, *(tmp_path / o for o in outputs)])
     assert proc.returncode == 0, proc.stderr
-    return np.fromfile(blocks, dtype=np.uint8), np.fromfile(values, dtype=np.float32)
+    blocks = np.fromfile(tmp_path / outputs[0], dtype=np.uint8).reshape(-1, HOST_TYPES[qtype].block_bytes)
+    values = np.fromfile(tmp_path / outputs[1], dtype=np.float32).reshape(-1, reference.QK)
+    codes = np.fromfile(tmp_path / outputs[2], dtype=np.uint8).reshape(-1, 2, reference.QK) if qtype == "nsq3" else None
+    return blocks, values, codes
 
 
-def adversarial_blocks(kvalues: np.ndarray = reference.KVALUES,
-                       kscales: np.ndarray = reference.KSCALES) -> dict[str, np.ndarray]:
-    """Special values, and every code threshold of the codebook kvalues under the scales kscales (NSQ4's by
-    default)."""
-    rng = np.random.default_rng(6)
-    n = reference.QK
-    blocks = {
-        "zeros": np.zeros(n),
-        "negative zeros": np.full(n, -0.0),
-        "tiny 1e-30": np.full(n, 1e-30),
-        "just below 2^-24": np.full(n, np.nextafter(np.float32(2.0**-24), np.float32(0))),
-        "exactly 2^-24": np.full(n, 2.0**-24),
-        "subnormals": rng.choice([-1, 1], n) * np.float32(1e-40),
-        "huge 3e38": rng.uniform(-3e38, 3e38, n),
-        "max float": np.full(n, np.finfo(np.float32).max),
-        "near fp16 max": rng.uniform(6e4, 65504.0, n) * rng.choice([-1, 1], n),
-        "d saturates": np.full(n, 1e9),
-        "constant": np.full(n, 0.75),
-        "one value": np.eye(1, n, 17)[0] * 3.5,
-        "one huge channel": np.concatenate([[1e4], rng.standard_normal(n - 1) * 1e-3]),
-        "one huge negative channel": np.concatenate([rng.standard_normal(n - 1), [-5e5]]),
-        "subnormal with normal": np.concatenate([[1.0], np.full(n - 1, 1e-40)]),
-        "rint ties": np.concatenate([[2047.0], np.arange(n - 1) - 31.5]),
-        "integer grid": np.concatenate([[2047.0], rng.integers(-2047, 2048, n - 1)]),
-        "alternating": np.tile([1.0, -1.0], n // 2),
-        "NaN": np.where(np.arange(n) == 5, np.nan, 1.0),
-        "+Inf": np.where(np.arange(n) == 63, np.inf, 1.0),
-        "-Inf": np.where(np.arange(n) == 0, -np.inf, 1.0),
-        "NaN and huge": np.where(np.arange(n) == 9, np.nan, 3e38),
-    }
-    # every threshold 16*xg == (kv[m] + kv[m+1])*S that the integer grid can hit exactly (ties go to the lower code)
-    mids = kvalues[:-1] + kvalues[1:]
-    ties = sorted({int(m * s) // 16 for m in mids for s in kscales if (m * s) % 16 == 0
-                   and abs(m * s) // 16 <= 2047})
-    ties = np.array(ties, dtype=np.float64)
-    for i in range(0, len(ties), n - 1):
-        chunk = ties[i:i + n - 1]
-        blocks[f"code thresholds {i}"] = np.concatenate([[2047.0], chunk, np.zeros(n - 1 - len(chunk))])
-    return {k: np.asarray(v, dtype=np.float32) for k, v in blocks.items()}
-
-
-def random_blocks(nb: int) -> np.ndarray:
-    rng = np.random.default_rng(2026)
-    scale = 10.0 ** rng.uniform(-8, 8, (nb, 1))
-    normal = rng.standard_normal((nb // 2, reference.QK))
-    heavy = rng.standard_t(2, (nb - nb // 2, reference.QK))
-    x = np.concatenate([normal, heavy]) * scale
-    outlier = rng.integers(0, reference.QK, nb)
-    x[np.arange(nb)[::7], outlier[::7]] *= 100  # a KV cache has outlier channels
-    return x.astype(np.float32)
-
-
-def check_bit_exact(exe: Path, x: np.ndarray, names: list[str], tmp_path: Path) -> None:
-    blocks, values = host_quantize(exe, x, tmp_path)
-    want = reference.quantize(x).reshape(-1, reference.BLOCK_BYTES)
-    got = blocks.reshape(-1, reference.BLOCK_BYTES)
+def check_bit_exact(exe: Path, qtype: str, x: np.ndarray, names: list[str], tmp_path: Path) -> None:
+    t = HOST_TYPES[qtype]
+    got, values, codes = host_quantize(exe, qtype, x, tmp_path)
+    want = t.quantize(x).reshape(-1, t.block_bytes)
     bad = np.flatnonzero((got != want).any(axis=1))
-    assert not len(bad), "blocks differ from nsq_local.reference: " + ", ".join(
+    assert not len(bad), f"{len(bad)} blocks differ from nsq_local.reference: " + ", ".join(
         f"{names[i]} (d {got[i, :2].view('<f2')[0]} vs {want[i, :2].view('<f2')[0]})" for i in bad[:8])
-    want_values = reference.dequantize(want.reshape(-1)).reshape(-1, reference.QK)
-    got_values = values.reshape(-1, reference.QK)
-    bad = np.flatnonzero((got_values.view(np.uint32) != want_values.view(np.uint32)).any(axis=1))
+    want_values = t.dequantize(want.reshape(-1)).reshape(-1, reference.QK)
+    bad = np.flatnonzero((values.view(np.uint32) != want_values.view(np.uint32)).any(axis=1))
     assert not len(bad), "dequantized values differ: " + ", ".join(names[i] for i in bad[:8])
+    if codes is not None:
+        want_codes = reference.nsq3_codes(want.reshape(-1))
+        for k, ne in enumerate((4, 2)):
+            bad = np.flatnonzero((codes[:, k] != want_codes).any(axis=1))
+            assert not len(bad), f"nsq3_codes_packed<{ne}> unpacks other codes: " + ", ".join(names[i] for i in bad[:8])
 
 
-def test_nsq4_cuda_quantizer_adversarial(nsq4_host, tmp_path):
-    cases = adversarial_blocks()
-    check_bit_exact(nsq4_host, np.stack(list(cases.values())), list(cases), tmp_path)
+@pytest.mark.parametrize("qtype", HOST_TYPES)
+def test_cuda_quantizer_adversarial(host_exe, qtype, tmp_path):
+    cases = helpers.adversarial_blocks(qtype)
+    check_bit_exact(host_exe(qtype), qtype, np.stack(list(cases.values())), list(cases), tmp_path)
 
 
-def test_nsq4_cuda_quantizer_random(nsq4_host, tmp_path):
-    x = random_blocks(100000)
-    check_bit_exact(nsq4_host, x, [f"random block {i}" for i in range(len(x))], tmp_path)
+@pytest.mark.parametrize("qtype", HOST_TYPES)
+def test_cuda_quantizer_random(host_exe, qtype, tmp_path):
+    x = helpers.random_blocks(2026, 33334)  # 100,002 blocks
+    check_bit_exact(host_exe(qtype), qtype, x, [f"random block {i}" for i in range(len(x))], tmp_path)
 
 
-def test_nsq4_special_blocks_are_zero(nsq4_host, tmp_path):
-    """The properties the adversarial cases are about, stated directly (not only 'same as the reference')."""
-    cases = adversarial_blocks()
-    x = np.stack(list(cases.values()))
-    blocks, values = host_quantize(nsq4_host, x, tmp_path)
-    blocks = blocks.reshape(-1, reference.BLOCK_BYTES)
+@pytest.mark.parametrize("qtype", HOST_TYPES)
+def test_cuda_special_blocks_are_zero(host_exe, qtype, tmp_path):
+    """The properties the adversarial cases are about, stated directly (not only 'same as the reference'): such
+    blocks are stored as d = 0 with every code that of 0, and d saturates at the fp16 maximum instead of becoming
+    Inf."""
+    cases = helpers.adversarial_blocks(qtype)
+    blocks, values, _ = host_quantize(host_exe(qtype), qtype, np.stack(list(cases.values())), tmp_path)
     d = blocks[:, :2].copy().view("<f2")[:, 0]
     names = list(cases)
     assert np.isfinite(values).all()
-    for name in ("zeros", "tiny 1e-30", "just below 2^-24", "subnormals", "NaN", "+Inf", "-Inf", "NaN and huge"):
+    for name in helpers.STORED_AS_ZERO:
         i = names.index(name)
-        assert d[i] == 0 and (blocks[i, 2:] == 0x88).all(), name
-    for name in ("d saturates", "max float", "huge 3e38"):
-        assert d[names.index(name)] == np.float16(65504.0), name
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# NSQ3: the quantizer, the dequantizer and the flash-attention kernels' code unpacking, run on the host
-
-
-@pytest.fixture(scope="module")
-def nsq3_host(llama_src) -> Path:
-    exe = OUT / "nsq3_host"
-    exe.parent.mkdir(parents=True, exist_ok=True)
-    proc = run([nvcc(), "-std=c++17", "-O2", "-x", "cu", "-I", llama_src / "ggml" / "src",
-                "-I", llama_src / "ggml" / "include", ROOT / "tests" / "cuda" / "nsq3_host.cu", "-o", exe])
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return exe
-
-
-def host_quantize_nsq3(exe: Path, x: np.ndarray, tmp_path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """nsq3_host's blocks, their values, and their codes as the flash-attention kernels unpack them ([block, 2, 64]:
-    4 and 2 codes at a time)."""
-    src, blocks, values, codes = (tmp_path / n for n in ("x.f32", "blocks.bin", "values.f32", "codes.bin"))
-    np.ascontiguousarray(x, dtype=np.float32).tofile(src)
-    proc = run([exe, src, blocks, values, codes])
-    assert proc.returncode == 0, proc.stderr
-    return (np.fromfile(blocks, dtype=np.uint8), np.fromfile(values, dtype=np.float32),
-            np.fromfile(codes, dtype=np.uint8).reshape(-1, 2, reference.QK))
-
-
-def nsq3_adversarial_blocks() -> dict[str, np.ndarray]:
-    """helpers' adversarial blocks, and this module's with NSQ3's code thresholds."""
-    cases = {f"helpers: {k}": v for k, v in helpers.adversarial_blocks().items()}
-    cases.update(adversarial_blocks(reference.NSQ3_KVALUES, reference.NSQ3_KSCALES))
-    # 63 values at max|x|: at the clipping scale 81 the error sum passes INT32_MAX (the reference sums in uint32); a
-    # wrapped int32 sum would choose that scale, which gives the last value another code
-    cases["error sum past INT32_MAX"] = np.concatenate([np.tile([1.0, -1.0], 32)[:63], [900 / 2047]]).astype(np.float32)
-    return cases
-
-
-def check_bit_exact_nsq3(exe: Path, x: np.ndarray, names: list[str], tmp_path: Path) -> None:
-    blocks, values, codes = host_quantize_nsq3(exe, x, tmp_path)
-    want = reference.quantize_nsq3(x).reshape(-1, reference.NSQ3_BLOCK_BYTES)
-    got = blocks.reshape(-1, reference.NSQ3_BLOCK_BYTES)
-    bad = np.flatnonzero((got != want).any(axis=1))
-    assert not len(bad), f"{len(bad)} blocks differ from nsq_local.reference.quantize_nsq3: " + ", ".join(
-        f"{names[i]} (d {got[i, :2].view('<f2')[0]} vs {want[i, :2].view('<f2')[0]})" for i in bad[:8])
-    want_values = reference.dequantize_nsq3(want.reshape(-1)).reshape(-1, reference.QK)
-    got_values = values.reshape(-1, reference.QK)
-    bad = np.flatnonzero((got_values.view(np.uint32) != want_values.view(np.uint32)).any(axis=1))
-    assert not len(bad), "dequantized values differ: " + ", ".join(names[i] for i in bad[:8])
-    want_codes = reference.nsq3_codes(want.reshape(-1))
-    for k, ne in enumerate((4, 2)):
-        bad = np.flatnonzero((codes[:, k] != want_codes).any(axis=1))
-        assert not len(bad), f"nsq3_codes_packed<{ne}> unpacks other codes: " + ", ".join(names[i] for i in bad[:8])
-
-
-def test_nsq3_cuda_quantizer_adversarial(nsq3_host, tmp_path):
-    cases = nsq3_adversarial_blocks()
-    check_bit_exact_nsq3(nsq3_host, np.stack(list(cases.values())), list(cases), tmp_path)
-
-
-def test_nsq3_cuda_quantizer_random(nsq3_host, tmp_path):
-    x = np.concatenate([random_blocks(100000), helpers.random_blocks(2026, 10000)])
-    check_bit_exact_nsq3(nsq3_host, x, [f"random block {i}" for i in range(len(x))], tmp_path)
-
-
-def test_nsq3_special_blocks_are_zero(nsq3_host, tmp_path):
-    """As test_nsq4_special_blocks_are_zero: such blocks are stored as d = 0 with every code that of 0 (qs 0xff,
-    qh 0), and d saturates at the fp16 maximum instead of becoming Inf."""
-    cases = nsq3_adversarial_blocks()
-    x = np.stack(list(cases.values()))
-    blocks, values, _ = host_quantize_nsq3(nsq3_host, x, tmp_path)
-    blocks = blocks.reshape(-1, reference.NSQ3_BLOCK_BYTES)
-    d = blocks[:, :2].copy().view("<f2")[:, 0]
-    names = list(cases)
-    assert np.isfinite(values).all()
-    for name in ("zeros", "tiny 1e-30", "just below 2^-24", "subnormals", "NaN", "+Inf", "-Inf", "NaN and huge",
-                 "helpers: NaN", "helpers: denormals"):
-        i = names.index(name)
-        assert d[i] == 0 and (blocks[i, 2:18] == 0xff).all() and (blocks[i, 18:] == 0).all(), name
-    for name in ("d saturates", "max float", "huge 3e38"):
+        assert d[i] == 0 and blocks[i, 2:].tobytes() == HOST_TYPES[qtype].zero_codes, name
+    for name in helpers.SATURATING:
         assert d[names.index(name)] == np.float16(65504.0), name
 
 

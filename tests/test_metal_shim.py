@@ -122,9 +122,9 @@ def test_quantize_random_blocks_bit_exact(shim, kind):
     assert bad.size == 0, f"{bad.size} of {len(x)} blocks differ, first at block {bad[0]}"
 
 
-@pytest.mark.parametrize("kind", TYPES)
-@pytest.mark.parametrize("name,block", adversarial_blocks().items(), ids=list(adversarial_blocks()))
-def test_quantize_adversarial_block_bit_exact(shim, kind, name, block):
+@pytest.mark.parametrize("kind,name", [(kind, name) for kind in TYPES for name in adversarial_blocks(kind)])
+def test_quantize_adversarial_block_bit_exact(shim, kind, name):
+    block = adversarial_blocks(kind)[name]
     got, want = metal_quantize(shim, block, kind), TYPES[kind][2](block)
     assert got.tobytes() == want.tobytes(), f"{name}: d {got[:2].view('<f2')} vs {want[:2].view('<f2')}"
 
@@ -160,14 +160,8 @@ def test_fp16_conversion_of_d_exact(shim):
 
 def dequantize_inputs(kind: str) -> np.ndarray:
     quantize, block_bytes = TYPES[kind][2], TYPES[kind][4]
-    rng = np.random.default_rng(5)
     quantized = quantize(random_blocks(3, 100)).reshape(-1, block_bytes)
-    arbitrary = rng.integers(0, 256, (500, block_bytes), dtype=np.uint8)
-    d_bits = rng.integers(0, 0x7c00, 500).astype("<u2")  # every finite non-negative fp16, subnormals included
-    d_bits[:4] = [0, 1, 0x3ff, 0x7bff]
-    arbitrary[:, :2] = d_bits.view(np.uint8).reshape(-1, 2)
-    arbitrary[:250, 1] |= 0x80  # negative d
-    return np.concatenate([quantized, arbitrary]).reshape(-1)
+    return np.concatenate([quantized, ref.sample_raw_blocks(5, 500, kind)]).reshape(-1)
 
 
 @pytest.mark.parametrize("kind", TYPES)
@@ -189,7 +183,7 @@ def test_shim_catches_a_wrong_kernel(upstream_tree, kind):
     assert header.count("c += 16*xg > ") == 1
     broken = build(upstream_tree, extract_blocks(upstream_tree, **{kind: header.replace("c += 16*xg > ", "c += 16*xg >= ")}),
                    f"broken-{kind}")
-    x = np.concatenate([random_blocks(0, 200), adversarial_blocks()["ties on the grid"].reshape(1, -1)])
+    x = np.concatenate([random_blocks(0, 200), ref.sample_blocks(0, "code thresholds", qtype=kind)[0]])
     assert not np.array_equal(metal_quantize(broken, x, kind), TYPES[kind][2](x))
 
 

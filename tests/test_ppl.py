@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from nsq_local import ppl
-from nsq_local.capture import Decoder, Model
+from nsq_local.calibrate import Decoder
+from nsq_local.capture import Model
 
 THREADS = 2
 C = 128  # windows of 128 tokens: 63 scored each; small, so the suite stays fast on 2 cores
