@@ -88,17 +88,17 @@ def kld_check(dev: Device, run: ModelRun, n_ctx: int, threads: int, verbose: boo
 
 def speed_check(dev: Device, run: ModelRun, depth: int, n_decode: int, threads: int, verbose: bool,
                 progress: Callable[[str], None]) -> Check:
-    """Decode tokens/s of f16, q4_0 and nsq4 caches (flash attention on) after a prefill of `depth` tokens. The
-    three contexts decode in turns, one token each, and the speed is that of the median token: a busy machine
-    slows the three alike, and a stall of one token does not count."""
-    types = ("f16", "q4_0", "nsq4")
+    """Decode tokens/s of f16, q4_0, nsq4 and nsq3 caches (flash attention on; nsq4 and nsq3 as shipped) after a
+    prefill of `depth` tokens. The contexts decode in turns, one token each, and the speed is that of the median
+    token: a busy machine slows them alike, and a stall of one token does not count."""
+    types = ("f16", "q4_0", "nsq4", "nsq3")
     decoders = []
     per_token: dict[str, list[float]] = {t: [] for t in types}
     try:
         for t in types:
             progress(f"prefill of {depth} tokens, {t} cache")
             d = calibrate.Decoder(run.path, n_ctx=depth + n_decode + 1, type_k=t, type_v=t, flash_attn=True,
-                        n_threads=threads, verbose=verbose, device=dev.name)
+                                  n_threads=threads, verbose=verbose, device=dev.name)
             decoders.append(d)
             d.decode(run.tokens[:depth], 0, logits=False)
             d.decode(run.tokens[depth:depth + 1], depth, logits=True)  # warm-up: the first decode-sized graph
@@ -113,7 +113,8 @@ def speed_check(dev: Device, run: ModelRun, depth: int, n_decode: int, threads: 
             d.close()
     tps = {t: 1 / float(np.median(dt)) for t, dt in per_token.items()}
     figures = {"depth": depth, "tokens": n_decode, **{f"tps_{t}": tps[t] for t in types},
-               "nsq4_over_f16": tps["nsq4"] / tps["f16"], "nsq4_over_q4_0": tps["nsq4"] / tps["q4_0"]}
+               **{f"{n}_over_{b}": tps[n] / tps[b] for n in ("nsq4", "nsq3") for b in ("f16", "q4_0")}}
     return Check(dev.name, f"decode speed at depth {depth}", PASS,
-                 f"nsq4 {tps['nsq4']:.1f} t/s (f16 {tps['f16']:.1f}, q4_0 {tps['q4_0']:.1f}): "
-                 f"{figures['nsq4_over_f16']:.2f}x f16, {figures['nsq4_over_q4_0']:.2f}x q4_0", figures)
+                 f"nsq4 {tps['nsq4']:.1f} t/s, nsq3 {tps['nsq3']:.1f} (f16 {tps['f16']:.1f}, q4_0 {tps['q4_0']:.1f}): "
+                 f"nsq4 {figures['nsq4_over_f16']:.2f}x f16, {figures['nsq4_over_q4_0']:.2f}x q4_0; "
+                 f"nsq3 {figures['nsq3_over_f16']:.2f}x f16, {figures['nsq3_over_q4_0']:.2f}x q4_0", figures)

@@ -113,9 +113,10 @@ def test_kld_matches_nsq_ppl_on_the_same_window(cpu_report, smollm2):
 def test_decode_speed_figures(cpu_report):
     f = checks_of(cpu_report[0])["decode speed at depth 1024"]["figures"]
     assert f["depth"] == 1024 and f["tokens"] == 8
-    assert min(f["tps_f16"], f["tps_q4_0"], f["tps_nsq4"]) > 0
-    assert f["nsq4_over_f16"] == pytest.approx(f["tps_nsq4"] / f["tps_f16"])
-    assert f["nsq4_over_q4_0"] == pytest.approx(f["tps_nsq4"] / f["tps_q4_0"])
+    assert min(f["tps_f16"], f["tps_q4_0"], f["tps_nsq4"], f["tps_nsq3"]) > 0
+    for t in ("nsq4", "nsq3"):
+        assert f[f"{t}_over_f16"] == pytest.approx(f[f"tps_{t}"] / f["tps_f16"])
+        assert f[f"{t}_over_q4_0"] == pytest.approx(f[f"tps_{t}"] / f["tps_q4_0"])
 
 
 # --- the comparisons catch one flipped bit ----------------------------------------------------------------------------
