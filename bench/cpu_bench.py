@@ -9,7 +9,7 @@ llama-bench crosses every -ctk with every -ctv, so the matched pairs (K and V of
 call per type, back to back (a type `K/V`, e.g. nsq4/nsq3, is K in one type and V in another); with --rounds N the types take turns N times, so that a change of load on a shared
 machine reaches every type alike, and the tables take each type's best round. Default models: SmolLM2-135M (head
 size 64) and Gemma 3 270M (head size 256).
-The type `nsq4+calib` is nsq4 with the K centering nsq-chat uses (LLAMA_NSQ_CALIB; the file comes from
+The type `nsq4+calib` is nsq4 with the K centering nsq-chat uses (llama-bench --nsq-calib; the file comes from
 nsq_local.calibrate's cache, calibrating once per model if need be).
 
 An aarch64 build runs under qemu with `--exec-prefix "qemu-aarch64 -L /usr/aarch64-linux-gnu" --cc
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import subprocess
 import sys
@@ -53,16 +52,15 @@ CALIB = "+calib"
 def llama_bench(prefix: list[str], bin_dir: Path, model: Path, cache_type: str, depths: list[int], threads: int,
                 reps: int, n_prompt: int, n_gen: int) -> list[dict]:
     """llama-bench's records for one cache type, each labelled with it as "cache" ("nsq4+calib" runs centered)."""
-    env = dict(os.environ)
-    env.pop("LLAMA_NSQ_CALIB", None)
     k_type, _, v_type = cache_type.removesuffix(CALIB).partition("/")
+    calib = []
     if cache_type.endswith(CALIB):
         from nsq_local import calibrate
-        env["LLAMA_NSQ_CALIB"] = str(calibrate.cached(model))
+        calib = ["--nsq-calib", str(calibrate.cached(model))]
     cmd = [*prefix, str(bin_dir / "llama-bench"), "-m", str(model), "-fa", "1", "-t", str(threads),
            "-p", str(n_prompt), "-n", str(n_gen), "-d", ",".join(map(str, depths)), "-ctk", k_type,
-           "-ctv", v_type or k_type, "-r", str(reps), "-o", "json"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+           "-ctv", v_type or k_type, "-r", str(reps), "-o", "json", *calib]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"{shlex.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     records = json.loads(proc.stdout)

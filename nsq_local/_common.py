@@ -71,7 +71,6 @@ def flash_attn_type(flash_attn: Optional[bool]) -> int:
 # --- the environment llama.cpp reads ----------------------------------------------------------------------------------
 
 ROT_DISABLE_ENV = "LLAMA_ATTN_ROT_DISABLE"  # "1": no Hadamard rotation of a quantized cache (read as it is created)
-NSQ_CALIB_ENV = "LLAMA_NSQ_CALIB"  # the calibration an nsq4 or nsq3 K cache is centered by ("": none)
 
 
 @contextmanager

@@ -6,11 +6,12 @@ softmax cancels, so the model's output is unchanged; what changes is the quantiz
 half of K's energy, and without it NSQ4's K error halves. The means must be known before the first key is stored
 (they are never re-estimated, so the cache stays consistent through state save/load and context shifts), so they
 come from a calibration run: this command runs the model with an f32 cache over a text, averages the K vectors
-llama.cpp computes for its cache, and writes them to a small GGUF file that llama.cpp reads from LLAMA_NSQ_CALIB
-(`llama_cpp.Llama(..., nsq_calib=FILE)` sets it for you).
+llama.cpp computes for its cache, and writes them to a small GGUF file that llama.cpp's tools take as
+`--nsq-calib FILE` (and `llama_cpp.Llama(..., nsq_calib=FILE)`; C programs: llama_nsq_calib_init, then
+llama_context_params.nsq_calib).
 
     nsq-calibrate -m model.gguf -f text.txt -o model.nsq.gguf
-    LLAMA_NSQ_CALIB=model.nsq.gguf llama-perplexity -m model.gguf -ctk nsq4 -ctv nsq4 -fa on ...
+    llama-perplexity -m model.gguf -ctk nsq4 -ctv nsq4 -fa on --nsq-calib model.nsq.gguf ...
 
 Without -f the text is the documentation of Python's standard library, which every Python has; text like what the
 model will see does better (docs/quality.md: on SmolLM2 and WikiText, held-out WikiText calibrates better than the
@@ -36,7 +37,7 @@ import numpy as np
 import numpy.typing as npt
 
 from nsq_local import cache_sim, capture
-from nsq_local._common import NSQ_CALIB_ENV, centers_k
+from nsq_local._common import centers_k
 from nsq_local.cquant import bits_per_value
 from nsq_local.models import cache_dir, file_sha256
 from nsq_local.reference import QK
@@ -297,15 +298,13 @@ def resolve(model: Union[str, Path], model_ptr: object, nsq_calib: Union[None, b
             ) -> Optional[Path]:
     """The calibration an nsq4 K cache of `model` (loaded as `model_ptr`) is centered by, or None for none.
 
-    nsq_calib: False, none; a path, that file; None (or True), $LLAMA_NSQ_CALIB if set, else the cached default,
-    which is skipped with a warning on a model where centering is not exact (llama.cpp refuses a file given for one).
+    nsq_calib: False, none; a path, that file; None (or True), the cached default, which is skipped with a warning
+    on a model where centering is not exact (llama.cpp refuses a file given for one).
     """
     if nsq_calib is False:
         return None
     if nsq_calib is None or nsq_calib is True:
-        nsq_calib = os.environ.get(NSQ_CALIB_ENV) or None
-        if nsq_calib is None:
-            return _default(Path(model), model_ptr)
+        return _default(Path(model), model_ptr)
     path = Path(nsq_calib)
     if not path.is_file():
         raise FileNotFoundError(f"NSQ4 calibration file not found: {path} (make one with `nsq-calibrate -m MODEL`)")
@@ -366,7 +365,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ValueError, RuntimeError) as e:
         print(f"nsq-calibrate: error: {e}", file=sys.stderr)
         return 2
-    print(f"nsq-calibrate: wrote {out}; use it with LLAMA_NSQ_CALIB={out} or Llama(..., nsq_calib=...)")
+    print(f"nsq-calibrate: wrote {out}; use it with --nsq-calib {out} or Llama(..., nsq_calib=...)")
     return 0
 
 

@@ -35,7 +35,7 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 import numpy.typing as npt
 
-from nsq_local._common import (NSQ_CALIB_ENV, ROT_DISABLE_ENV, LogTap, centers_k, flash_attn_type, ggml_base,
+from nsq_local._common import (ROT_DISABLE_ENV, LogTap, centers_k, flash_attn_type, ggml_base,
                                ggml_registry, is_quantized, log_verbosity, scoped_env, type_id)
 from nsq_local.ggml_ops import DEVICE_TYPES, ggml_graph_api
 
@@ -211,14 +211,10 @@ def context_params(n_ctx: int, type_k: str = "f16", type_v: str = "f16", flash_a
     return params
 
 
-def cache_env(type_k: int, rotation: bool, nsq_calib: Optional[Path]) -> dict[str, Optional[str]]:
-    """The environment llama.cpp reads as it creates a cache with K of ggml type type_k: LLAMA_ATTN_ROT_DISABLE=1
-    without rotation (else what the environment says), and for an nsq4 or nsq3 K the calibration ("": not
-    centered)."""
-    env = {} if rotation else {ROT_DISABLE_ENV: "1"}
-    if centers_k(type_k):
-        env[NSQ_CALIB_ENV] = os.fspath(nsq_calib or "")
-    return env
+def cache_env(rotation: bool) -> dict[str, Optional[str]]:
+    """The environment llama.cpp reads as it creates a cache: LLAMA_ATTN_ROT_DISABLE=1 without rotation (else what
+    the environment says). The calibration of an nsq4 or nsq3 K goes in the context's parameters."""
+    return {} if rotation else {ROT_DISABLE_ENV: "1"}
 
 
 class Decoder:
@@ -248,7 +244,14 @@ class Decoder:
             self.model = self._stack.enter_context(Model(model_path, verbose, LogTap(on_line=self._read_rotation),
                                                          device))
             self.nsq_calib = self._calibration(params.type_k, nsq_calib)
-            with scoped_env(cache_env(params.type_k, rotation, self.nsq_calib)), self.model.log:
+            if self.nsq_calib:
+                with self.model.log:
+                    params.nsq_calib = llama_cpp.llama_nsq_calib_init(self.model.ptr, os.fsencode(self.nsq_calib))
+                if not params.nsq_calib:
+                    raise LlamaError(f"llama.cpp could not load the calibration {self.nsq_calib}:\n"
+                                     f"{self.model.log.tail()}")
+                self._stack.callback(llama_cpp.llama_nsq_calib_free, params.nsq_calib)
+            with scoped_env(cache_env(rotation)), self.model.log:
                 self.ctx = llama_cpp.llama_init_from_model(self.model.ptr, params)
             if not self.ctx:
                 raise LlamaError(f"llama.cpp could not create a context (cache K {type_k}, V {type_v}):\n"

@@ -12,7 +12,6 @@ in the KV cache.
 from __future__ import annotations
 
 import argparse
-import re
 import signal
 import sys
 import threading
@@ -22,59 +21,51 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from nsq_local import models
-from nsq_local._common import CACHE_TYPES, EXIT_USAGE, FLASH_ATTN, LogTap, nsq_calib_arg
+from nsq_local._common import CACHE_TYPES, EXIT_USAGE, FLASH_ATTN, nsq_calib_arg
 from nsq_local.cquant import bits_per_value
-
-# the memory a llama.cpp KV cache really takes, as it reports it when it allocates the cache
-_KV_LINE = re.compile(r"llama_kv_cache: size = .*?K \((\w+)\):\s*([0-9.]+) MiB, V \((\w+)\):\s*([0-9.]+) MiB")
-# an nsq4 or nsq3 cache with wider layers (per-layer precision) says its average bits first
-_LAYER_BITS = re.compile(r"nsq: per-layer precision from .*bits/value on average: K ([0-9.]+), V ([0-9.]+)")
-
 
 @dataclass
 class KVCacheSize:
-    """Sizes reported by llama.cpp's KV cache(s) as they were allocated (a sliding-window model has two)."""
+    """The memory a context's KV cache really takes, from llama.cpp's API (every layer in its own type)."""
 
     type_k: str = "f16"
     type_v: str = "f16"
     k_mib: float = 0.0
     v_mib: float = 0.0
-    caches: int = 0
-    f16_mib: float = 0.0  # the same caches with f16 K and V: the same number of values at 16 bits each
-    _layer_bits: Optional[tuple[float, float]] = None
+    f16_mib: float = 0.0  # the same cache with f16 K and V: the same number of values at 16 bits each
 
     @property
     def mib(self) -> float:
         return self.k_mib + self.v_mib
 
-    def read_log_line(self, line: str) -> None:
-        """Counts a cache that a line of llama.cpp's log reports as allocated."""
-        b = _LAYER_BITS.search(line)
-        if b:
-            self._layer_bits = (float(b.group(1)), float(b.group(2)))
-            return
-        m = _KV_LINE.search(line)
-        if m:
-            self.type_k, self.type_v = m.group(1), m.group(3)
-            k_mib, v_mib = float(m.group(2)), float(m.group(4))
-            # wider layers raise the average: the named type's bits would count them as nsq4 (or nsq3)
-            bits_k, bits_v = self._layer_bits or (bits_per_value(self.type_k), bits_per_value(self.type_v))
-            self.k_mib += k_mib
-            self.v_mib += v_mib
-            self.f16_mib += k_mib * 16 / bits_k + v_mib * 16 / bits_v
-            self._layer_bits = None
-            self.caches += 1
+    @classmethod
+    def of(cls, llm) -> "KVCacheSize":
+        """The KV cache of a llama_cpp.Llama: per layer, the type and bytes of its K and V (a layer stored wider
+        than the cache's type, per-layer precision, counts at its own bits in f16_mib)."""
+        import llama_cpp
+
+        names = {v: k for k, v in llama_cpp.llama.GGML_TYPE_NAMES.items()}
+        size = cls(names[llm.context_params.type_k], names[llm.context_params.type_v])
+        for il in range(llama_cpp.llama_model_n_layer(llm.model)):
+            for side, type_of, size_of in (("k", llama_cpp.llama_kv_layer_type_k, llama_cpp.llama_kv_layer_size_k),
+                                           ("v", llama_cpp.llama_kv_layer_type_v, llama_cpp.llama_kv_layer_size_v)):
+                t = type_of(llm.ctx, il)
+                if t == llama_cpp.GGML_TYPE_COUNT:  # no KV cache in this layer
+                    continue
+                mib = size_of(llm.ctx, il) / 2**20
+                setattr(size, f"{side}_mib", getattr(size, f"{side}_mib") + mib)
+                size.f16_mib += mib * 16 / bits_per_value(names[t])
+        return size
 
 
 def open_llama(verbose: bool = False, **kwargs: Any):
-    """llama_cpp.Llama(**kwargs), and the KV cache's size read from llama.cpp's own allocation log."""
+    """llama_cpp.Llama(**kwargs), and the size of its KV cache."""
     import llama_cpp
 
-    size = KVCacheSize()
-    with LogTap(on_line=size.read_log_line):
-        llm = llama_cpp.Llama(verbose=verbose, **kwargs)
-    if not size.caches:
-        raise RuntimeError("llama.cpp did not report its KV cache size; is this the patched llama_cpp?")
+    llm = llama_cpp.Llama(verbose=verbose, **kwargs)
+    size = KVCacheSize.of(llm)
+    if not size.mib:
+        raise RuntimeError("llama.cpp reports no KV cache; is this the patched llama_cpp?")
     return llm, size
 
 

@@ -45,21 +45,21 @@ def test_calibration_file_holds_one_mean_per_layer(calib, upstream_tree):
 def test_centering_lowers_the_error_and_is_really_applied(tool, smollm2, wikitext, calib, tmp_path):
     f16, _ = perplexity(tool, smollm2, wikitext, "f16")
     plain, _ = perplexity(tool, smollm2, wikitext, "nsq4")
-    centered, log = perplexity(tool, smollm2, wikitext, "nsq4", env={"LLAMA_NSQ_CALIB": str(calib)})
+    centered, log = perplexity(tool, smollm2, wikitext, "nsq4", extra=("--nsq-calib", calib))
     assert f"nsq4: K centered by the calibrated means of 30 layers from {calib}" in log
     assert abs(centered - f16) < abs(plain - f16), (f16, plain, centered)
     # a mean of 50 in every channel is exact under softmax, but the quantizer then sees mostly the offset: if the
     # means were not subtracted (or were lost when llama-perplexity clears the cache per chunk) nothing would change
     huge = write_means(tmp_path / "huge.gguf", [np.full(192, 50.0)] * 30)
-    wrecked, _ = perplexity(tool, smollm2, wikitext, "nsq4", env={"LLAMA_NSQ_CALIB": str(huge)})
+    wrecked, _ = perplexity(tool, smollm2, wikitext, "nsq4", extra=("--nsq-calib", huge))
     assert wrecked > 2 * plain
 
 
 def test_calibration_of_another_shape_is_refused(tool, smollm2, wikitext, tmp_path):
     bad = write_means(tmp_path / "other-model.gguf", [np.zeros(256)] * 30)
     proc = subprocess.run([str(tool("llama-perplexity")), "-m", str(smollm2), "-f", str(wikitext), "-c", "256",
-                           "--chunks", "1", "-fa", "on", "-ctk", "nsq4", "-ctv", "nsq4"], capture_output=True,
-                          text=True, env={**os.environ, "LLAMA_NSQ_CALIB": str(bad)}, timeout=300)
+                           "--chunks", "1", "-fa", "on", "-ctk", "nsq4", "-ctv", "nsq4", "--nsq-calib", str(bad)],
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "does not fit this model (layer 0 needs an f32 nsq.k_mean.0 of 192 values)" in proc.stdout + proc.stderr
 
@@ -75,6 +75,9 @@ def test_llama_nsq_calib_argument(smollm2, calib, tmp_path):
     llm = llama_cpp.Llama(model_path=str(smollm2), n_ctx=256, type_k="nsq4", type_v="nsq4", nsq_calib=calib,
                           verbose=False)
     assert llm.nsq_calib == calib and "LLAMA_NSQ_CALIB" not in os.environ
+    # the context got the calibration's means through the API: layer by layer, the ids saved states record
+    ids = [llama_cpp.llama_kv_layer_k_mean_id(llm.ctx, il) for il in range(30)]
+    assert all(ids) and len(set(ids)) == 30
 
 
 def _decode(llm, tokens: list[int], pos0: int, n_out: int) -> np.ndarray:
@@ -211,14 +214,19 @@ def test_llama_log_says_whether_k_is_centered(smollm2, calib, capfd):
     assert "nsq4: K not centered (no calibration" in capfd.readouterr().err
 
 
-def test_off_switch_wins_over_the_environment(smollm2, calib, monkeypatch):
+def test_the_environment_no_longer_calibrates(smollm2, calib, tmp_path, monkeypatch):
+    """LLAMA_NSQ_CALIB, which older versions read, is ignored: the calibration goes through the API only."""
     import llama_cpp
 
-    monkeypatch.setenv("LLAMA_NSQ_CALIB", str(calib))
+    huge = write_means(tmp_path / "huge.gguf", [np.full(192, 50.0)] * 30)
+    monkeypatch.setenv("LLAMA_NSQ_CALIB", str(huge))
     kw = dict(model_path=str(smollm2), n_ctx=64, type_k="nsq4", type_v="nsq4", verbose=False)
-    assert llama_cpp.Llama(**kw).nsq_calib == calib
-    assert llama_cpp.Llama(**kw, nsq_calib=False).nsq_calib is None
-    assert os.environ["LLAMA_NSQ_CALIB"] == str(calib)
+    llm = llama_cpp.Llama(**kw, nsq_calib=False)
+    assert llm.nsq_calib is None
+    assert not any(llama_cpp.llama_kv_layer_k_mean_id(llm.ctx, il) for il in range(30))
+    llm = llama_cpp.Llama(**kw, nsq_calib=calib)
+    assert llm.nsq_calib == calib
+    assert all(llama_cpp.llama_kv_layer_k_mean_id(llm.ctx, il) for il in range(30))
 
 
 def test_calibration_of_another_model_file_is_refused(smollm2, calib, tmp_path):
@@ -282,13 +290,82 @@ def test_state_of_another_calibration_is_refused(smollm2, wikitext, calib, tmp_p
     assert llama_cpp.llama_state_seq_set_data(same.ctx, seq, size, 0) == size
 
 
+def test_contexts_created_at_once_on_threads_each_get_their_calibration(smollm2, wikitext, calib, tmp_path):
+    """Four times, eight threads create contexts over the same model at the same time, half with one calibration
+    and half with another (the same means scaled by 1.5), and store the same tokens: every context's saved sequence
+    (which records the means its keys carry, and the keys) is the one a context made alone with its calibration
+    saves, and llama_kv_layer_k_mean_id reports that calibration's means. A calibration held in process-wide state
+    (as the environment variable LLAMA_NSQ_CALIB once was) gave about one context in twenty the other's means."""
+    import ctypes
+    import threading
+
+    import llama_cpp
+
+    other = write_means(tmp_path / "other.gguf", [m * 1.5 for m in calibrate.read_gguf(calib)[1].values()])
+    calibs = [calib, other]
+    tokens = llama_cpp.Llama(model_path=str(smollm2), vocab_only=True, verbose=False).tokenize(
+        wikitext.read_text(encoding="utf-8")[:1000].encode())[:48]
+
+    def run(nsq_calib: Path) -> tuple[object, bytes]:
+        # verbose: llama_cpp quiets a model's loading by redirecting the process's stdout and stderr, which threads
+        # loading at once would leave redirected
+        llm = llama_cpp.Llama(model_path=str(smollm2), n_ctx=128, n_threads=1, n_threads_batch=1, type_k="nsq4",
+                              type_v="nsq4", nsq_calib=nsq_calib, verbose=True)
+        _decode(llm, tokens, 0, 1)
+        size = llama_cpp.llama_state_seq_get_size(llm.ctx, 0)
+        seq = (ctypes.c_uint8 * size)()
+        assert llama_cpp.llama_state_seq_get_data(llm.ctx, seq, size, 0) == size
+        return llm, bytes(seq)
+
+    alone = {c: run(c) for c in calibs}
+    assert alone[calib][1] != alone[other][1]
+
+    n, rounds = 8, 4
+    results: list = [None] * (n * rounds)  # context i has calibration i % 2
+
+    def work(i: int, barrier: threading.Barrier) -> None:
+        barrier.wait()
+        try:
+            results[i] = run(calibs[i % 2])
+        except Exception as e:  # reported below, with the thread's calibration
+            results[i] = e
+
+    for r in range(rounds):
+        barrier = threading.Barrier(n)
+        threads = [threading.Thread(target=work, args=(r * n + i, barrier)) for i in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    wrong = [(i, calibs[i % 2].name, r if isinstance(r, Exception) else "saved sequence differs")
+             for i, r in enumerate(results) if isinstance(r, Exception) or r[1] != alone[calibs[i % 2]][1]]
+    assert not wrong, wrong
+
+    def mean_ids(llm) -> list[int]:
+        return [llama_cpp.llama_kv_layer_k_mean_id(llm.ctx, il) for il in range(30)]
+
+    expect = []
+    for c in calibs:
+        obj = llama_cpp.llama_nsq_calib_init(alone[c][0].model, str(c).encode())
+        assert obj
+        try:
+            expect.append([llama_cpp.llama_nsq_calib_k_mean_id(obj, il) for il in range(30)])
+        finally:
+            llama_cpp.llama_nsq_calib_free(obj)  # the contexts keep their own copies
+        assert all(expect[-1]) and mean_ids(alone[c][0]) == expect[-1]
+    assert not set(expect[0]) & set(expect[1])
+    assert [mean_ids(llm) == expect[i % 2] for i, (llm, _) in enumerate(results)] == [True] * (n * rounds)
+
+
 def test_tools_take_the_calibration_as_an_option(tool, smollm2, wikitext, calib):
     by_option, log = perplexity(tool, smollm2, wikitext, "nsq4", extra=("--nsq-calib", calib))
     assert f"nsq4: K centered by the calibrated means of 30 layers from {calib}" in log
-    by_env, _ = perplexity(tool, smollm2, wikitext, "nsq4", env={"LLAMA_NSQ_CALIB": str(calib)})
+    # the environment variable older versions read is ignored
+    by_env, log = perplexity(tool, smollm2, wikitext, "nsq4", env={"LLAMA_NSQ_CALIB": str(calib)})
+    assert "nsq4: K not centered (no calibration" in log
     plain, log = perplexity(tool, smollm2, wikitext, "nsq4")
     assert "nsq4: K not centered (no calibration" in log
-    assert by_option == by_env != plain
+    assert by_option != plain == by_env
 
 
 UNCENTERABLE = {  # shape: (writer, what llama.cpp says about it)

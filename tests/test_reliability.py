@@ -15,7 +15,7 @@ import pytest
 
 import llama_cpp
 from helpers import kld
-from nsq_local._common import NSQ_CALIB_ENV, ROT_DISABLE_ENV, LogTap, is_quantized, log_verbosity, scoped_env
+from nsq_local._common import ROT_DISABLE_ENV, LogTap, is_quantized, log_verbosity, scoped_env
 
 ROTATION = [pytest.param(True, id="rot"), pytest.param(False, id="norot")]
 THREADS = 2
@@ -32,11 +32,16 @@ class Context:
         p.type_k = p.type_v = llama_cpp.llama.ggml_type_from_name(cache)
         p.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
         p.kv_unified = kv_unified
-        # llama.cpp reads LLAMA_ATTN_ROT_DISABLE and LLAMA_NSQ_CALIB (an nsq K cache's centering, none by default
-        # here) when it creates the cache
-        with scoped_env({ROT_DISABLE_ENV: None if rotation else "1", NSQ_CALIB_ENV: str(nsq_calib or "")}), \
-                LogTap() as log:
+        # an nsq K cache's centering (none by default here) goes in the parameters; llama.cpp reads
+        # LLAMA_ATTN_ROT_DISABLE when it creates the cache
+        calib = llama_cpp.llama_nsq_calib_init(model, str(nsq_calib).encode()) if nsq_calib else None
+        if nsq_calib and not calib:
+            pytest.fail(f"llama_nsq_calib_init({nsq_calib}) failed")
+        p.nsq_calib = calib
+        with scoped_env({ROT_DISABLE_ENV: None if rotation else "1"}), LogTap() as log:
             self.ctx = llama_cpp.llama_init_from_model(model, p)
+        if calib:
+            llama_cpp.llama_nsq_calib_free(calib)  # the context keeps its own copy of the means
         if not self.ctx:
             pytest.fail("llama_init_from_model failed:\n" + log.tail(20))
         self.log = "".join(log.lines)

@@ -3,7 +3,7 @@
 - `write_tiny_llama`: a llama with a chosen head size. No real model has a head size that NSQ4's 64-value block
   cannot divide, so the error for one is tested on this.
 - `write_tiny_gemma2_softcap`, `write_tiny_gpt_oss` and `write_tiny_deepseek2_mla`: one model for each attention
-  shape on which centering K is not exact. nsq-local can center K by a per-layer mean (LLAMA_NSQ_CALIB); that is
+  shape on which centering K is not exact. nsq-local can center K by a per-layer mean (--nsq-calib); that is
   exact only when the scores q.k go straight into softmax, because q.(k - m) = q.k - q.m shifts all the scores of one
   query by the same amount, which softmax ignores. Gemma 2's attention logit softcapping (tanh(s/c)*c before softmax)
   is not shift-invariant, gpt-oss's learned attention sinks are logits that the shift does not reach, and with
