@@ -130,8 +130,7 @@ def prepare(out: Path) -> int:
                     "--python-version", "3.12", "-d", str(p1 / "wheels"), *WHEELS], check=True)
 
     model = models.smollm2()
-    print(f"calibrating {model.name} (once per model file)", file=sys.stderr)
-    calib = calibrate.cached(model)
+    calib = calibrate.cached(model)  # made here once per model file, and says so
     (p2 / "calibration").mkdir()
     shutil.copy2(calib, p2 / "calibration" / calib.name)
     data = model.read_bytes()
