@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -55,8 +56,12 @@ def test_bounded_fuzz_run(tmp_path):
         missing_tool("atheris is not installed", "atheris (pip install atheris)")
     work = tmp_path / "corpus"
     shutil.copytree(CORPUS, work)  # libFuzzer adds the inputs it finds to the first directory: not the repository's
+    # libFuzzer's RSS limit reads the process's peak RSS, which Linux carries across fork and exec: the harness starts
+    # with this test process's peak (models loaded by earlier tests), so the limit is 2 GB above that
+    rss_limit = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024 + 2048
     proc = subprocess.run([sys.executable, str(FUZZ_DIR / "nsq4_fuzz.py"), f"-max_total_time={FUZZ_SECONDS}",
-                           f"-artifact_prefix={tmp_path}/", "-print_final_stats=1", str(work)],
+                           f"-rss_limit_mb={rss_limit}", "-malloc_limit_mb=2048", f"-artifact_prefix={tmp_path}/",
+                           "-print_final_stats=1", str(work)],
                           capture_output=True, text=True, timeout=FUZZ_SECONDS + 300, cwd=tmp_path)
     crashes = sorted(tmp_path.glob("crash-*")) + sorted(tmp_path.glob("oom-*")) + sorted(tmp_path.glob("timeout-*"))
     assert proc.returncode == 0 and not crashes, (
