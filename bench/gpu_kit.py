@@ -89,14 +89,6 @@ def pack_sources(tree: Path, out: Path) -> int:
     return files
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def commands(kit: Path) -> list[tuple[str, list[str]]]:
     """The device calls: (command, carry) for each part, in order."""
     rel = kit.resolve().relative_to(ROOT) if kit.resolve().is_relative_to(ROOT) else kit
@@ -210,13 +202,15 @@ def part2(kit: Path, s: gpu.Setup, steps: dict) -> None:
     text = ROOT / "tests" / "data" / "wikitext-2-test-head.txt"
 
     def assemble() -> dict:
+        from nsq_local import models
+
         first = s.work / "model.1"
         if not first.is_file() or not (s.bin / "llama-perplexity").is_file():
             raise RuntimeError(f"{first} or the build is missing: part 2 runs after part 1 on the same machine "
                                "(a machine given back in between starts bare: run part 1 again)")
         model.parent.mkdir(parents=True, exist_ok=True)
         model.write_bytes(first.read_bytes() + (kit / "model.2").read_bytes())
-        if model.stat().st_size != manifest["size"] or sha256(model) != manifest["sha256"]:
+        if model.stat().st_size != manifest["size"] or models.file_sha256(model) != manifest["sha256"]:
             raise RuntimeError(f"{model} does not match the kit's manifest (size or sha256)")
         calib.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(kit / "calibration" / manifest["calibration"], calib)
