@@ -52,7 +52,7 @@ TYPES = ("f16", "q8_0", "q5_0", "iq4_nl", "q4_0", "nsq4", "nsq4-centering", "nsq
          "nsq3", "nsq3-centering", "nsq3-uncentered")
 ROT_OFF_TYPES = ("iq4_nl", "q4_0", "nsq4", "nsq4-uncentered")
 KV_SPLIT_TYPES = ("nsq4/f16", "f16/nsq4", "nsq4/nsq3")
-NSQ_TYPES = {"nsq4": "nsq.k_type.", "nsq3": "nsq.nsq3.k_type."}  # and the prefix of their per-layer K types
+NSQ_TYPES = {"nsq4": "nsq.nsq4.k_type.", "nsq3": "nsq.nsq3.k_type."}  # and the prefix of their per-layer K types
 LONG_TYPES = ("q4_0", "nsq4")
 PATTERNS = {
     "ppl": re.compile(r"Mean PPL\(Q\)\s*:\s*([0-9.]+)\s*±\s*([0-9.]+)"),

@@ -1,6 +1,6 @@
-"""nsq-calibrate: the per-layer mean K vectors that let an NSQ4 cache store centered keys.
+"""nsq-calibrate: the per-layer mean K vectors that let an NSQ4 or NSQ3 cache store centered keys.
 
-Every key stored in an NSQ4 cache is first reduced by its layer's mean K vector (post-RoPE, per KV head and
+Every key stored in an NSQ4 or NSQ3 cache is first reduced by its layer's mean K vector (post-RoPE, per KV head and
 channel). One fixed vector taken off every key moves all of a query's attention logits by the same amount, which
 softmax cancels, so the model's output is unchanged; what changes is the quantizer's input: on SmolLM2 the mean is
 half of K's energy, and without it NSQ4's K error halves. The means must be known before the first key is stored
@@ -64,7 +64,7 @@ def builtin_text() -> str:
 
 
 class HeadSizeError(ValueError):
-    """The model's K head size is not a multiple of NSQ4's block: no nsq4 K cache to calibrate for."""
+    """The model's K head size is not a multiple of the NSQ types' block: no nsq4 or nsq3 K cache to calibrate for."""
 
 
 def k_means(model: Path, text: str, n_ctx: int = 2048, chunks: int = 2, n_threads: Optional[int] = None,
@@ -75,8 +75,9 @@ def k_means(model: Path, text: str, n_ctx: int = 2048, chunks: int = 2, n_thread
     with capture.Capturer(model, n_ctx, parts="k", n_threads=n_threads) as cap:
         head = cap.model.n_embd_head_k
         if head % QK:
-            raise HeadSizeError(f"{Path(model).name} has K head size {head}, not a multiple of NSQ4's {QK}-value "
-                                "block: an nsq4 K cache cannot hold it, so there is nothing to calibrate")
+            raise HeadSizeError(f"{Path(model).name} has K head size {head}, not a multiple of the NSQ types' "
+                                f"{QK}-value block: an nsq4 or nsq3 K cache cannot hold it, so there is nothing to "
+                                "calibrate")
         # a long text is cut to what the windows need: real vocabularies average well over 2 bytes per token
         tokens = cap.model.tokenize(text[:16 * n_ctx * chunks])
         windows = [tokens[i:i + n_ctx] for i in range(0, len(tokens), n_ctx)]
@@ -98,11 +99,19 @@ def k_means(model: Path, text: str, n_ctx: int = 2048, chunks: int = 2, n_thread
     return [(s / count).astype(np.float32) for s in sums], count
 
 
+# The calibration file's format, recorded in it as "nsq.calibration.version" (llama.cpp reads this version only:
+# LLAMA_NSQ_CALIB_VERSION, the llama-nsq4-k-centering patch). 5: per-layer types under one prefix per cache type,
+# "nsq.nsq4.k_type.<layer>" / "nsq.nsq3.k_type.<layer>"; files before it had no version.
+FORMAT_VERSION = 5
+
+
 def write_gguf(path: Path, means: Sequence[npt.NDArray[np.float32]], meta: dict[str, str]) -> None:
-    """A GGUF file with one f32 tensor "nsq.k_mean.<layer>" per layer and string metadata."""
+    """A calibration file of this format: one f32 tensor "nsq.k_mean.<layer>" per layer, the format version and
+    string metadata."""
     import gguf
 
     w = gguf.GGUFWriter(str(path), "nsq-calibration")
+    w.add_uint32("nsq.calibration.version", FORMAT_VERSION)
     for key, value in meta.items():
         w.add_string(key, value)
     for il, m in enumerate(means):
@@ -114,13 +123,20 @@ def write_gguf(path: Path, means: Sequence[npt.NDArray[np.float32]], meta: dict[
 
 
 def read_gguf(path: Path) -> tuple[dict[str, str], dict[str, npt.NDArray[np.float32]]]:
-    """A calibration file's string metadata and its tensors by name."""
+    """A calibration file's string metadata and its tensors by name; a file of another format is refused, as
+    llama.cpp refuses it."""
     import gguf
 
     try:
         reader = gguf.GGUFReader(str(path))
     except (ValueError, OSError) as e:
-        raise ValueError(f"cannot read the NSQ4 calibration file {path} ({e}): make it with `nsq-calibrate -m MODEL`")
+        raise ValueError(f"cannot read the NSQ calibration file {path} ({e}): make it with `nsq-calibrate -m MODEL`")
+    field = reader.fields.get("nsq.calibration.version")
+    version = field.contents() if field is not None else None
+    if version != FORMAT_VERSION:
+        raise ValueError(f"the NSQ calibration file {path} is "
+                         + (f"of format version {version}" if version is not None else "of an older format (no version)")
+                         + f", this build reads version {FORMAT_VERSION}: make it again with `nsq-calibrate -m MODEL`")
     meta = {name: field.contents() for name, field in reader.fields.items()
             if name.startswith("nsq.") and isinstance(field.contents(), str)}
     return meta, {t.name: np.array(t.data, dtype=np.float32) for t in reader.tensors}
@@ -143,7 +159,7 @@ def model_id(model: Path) -> str:
 
 
 # Per-layer precision (the llama-nsq4-per-layer-precision patch): the few layers whose nsq4 keys harm attention far
-# more than the model's other layers' are stored in a wider type, named in the calibration file as "nsq.k_type.<layer>".
+# more than the model's other layers' are stored in a wider type, named in the calibration file as "nsq.nsq4.k_type.<layer>".
 LAYER_BITS_BUDGET = 4.5  # the average bits per K+V value that wider layers may bring an nsq4 cache to (q4_0's)
 LAYER_OUTLIER = 10.0  # a layer is an outlier when its attention KL is this many times the median layer's
 LAYER_TYPES = ("q8_0", "f16")  # by cost: an outlier gets the cheapest that brings it to the median layer's KL
@@ -158,7 +174,7 @@ NSQ3_LAYER_TYPES = ("nsq4", "q8_0", "f16")
 def layer_types(model: Path, text: str, means: Sequence[npt.NDArray[np.float32]], n_ctx: int = 2048,
                 n_threads: Optional[int] = None, progress: bool = True) -> dict[str, str]:
     """The K types of an nsq4 and of an nsq3 cache's layers stored otherwise, as calibration metadata:
-    {"nsq.k_type.<layer>": "f16", "nsq.nsq3.k_type.<layer>": "nsq4", ...}.
+    {"nsq.nsq4.k_type.<layer>": "f16", "nsq.nsq3.k_type.<layer>": "nsq4", ...}.
 
     On the first window of the calibration text, the model's own Q and K give, per layer, the mean KL divergence
     between the causal attention distributions (every 8th query, all query heads) of the exact keys and of the keys
@@ -210,7 +226,7 @@ def _layer_types(kl: Callable[[int, str], float], sizes: tuple[list[int], list[i
     token of each layer. For nsq3, once the outliers have theirs, the other layers get nsq4 keys in the order of the
     attention KL they gain per added bit, while the budget lasts."""
     t0 = time.time()
-    prefix = "nsq." if base == "nsq4" else f"nsq.{base}."
+    prefix = f"nsq.{base}."
     n_k, n_v = sizes
     n_layer = len(n_k)
     scores = [kl(il, base) for il in range(n_layer)]
@@ -272,11 +288,11 @@ def cached(model: Path, progress: bool = True) -> Path:
     """The calibration of `model` from the built-in text, made once per model file and kept in the cache folder."""
     model = Path(model).resolve()
     cache = cache_dir() / "calibration"
-    # the version in the name: a file cached before the nsq3 cache's per-layer types (v4) is made again
-    out = cache / f"{model.stem}-{model_id(model)[:16]}.v4.nsq.gguf"
+    # the format version in the name too: a file cached by an older nsq-local is made again, not refused
+    out = cache / f"{model.stem}-{model_id(model)[:16]}.v{FORMAT_VERSION}.nsq.gguf"
     if not out.is_file():
         if progress:
-            print(f"nsq-local: calibrating the NSQ4 K cache for {model.name} (once per model file)", file=sys.stderr)
+            print(f"nsq-local: calibrating the NSQ K cache for {model.name} (once per model file)", file=sys.stderr)
         calibrate(model, out, progress=progress)  # what `nsq-calibrate -m MODEL` makes
         if progress:
             print(f"nsq-local: K means kept in {out}", file=sys.stderr)
@@ -288,15 +304,17 @@ def check_fits(calib: Path, model: Path) -> None:
     meta, _ = read_gguf(calib)
     made_for = meta.get("nsq.calibration.model_sha256")
     if made_for is not None and made_for != model_id(model):
-        raise ValueError(f"the NSQ4 calibration file {calib} was made for another model file "
+        raise ValueError(f"the NSQ calibration file {calib} was made for another model file "
                          f"({meta.get('nsq.calibration.model', '?')}, sha256 {made_for[:16]}...), not for {model}: "
                          f"make one for this model with `nsq-calibrate -m {model}`, or leave nsq_calib out to use "
                          "the cached default")
 
 
-def resolve(model: Union[str, Path], model_ptr: object, nsq_calib: Union[None, bool, str, os.PathLike]
-            ) -> Optional[Path]:
-    """The calibration an nsq4 K cache of `model` (loaded as `model_ptr`) is centered by, or None for none.
+def resolve(model: Union[str, Path], model_ptr: object, nsq_calib: Union[None, bool, str, os.PathLike],
+            type_k: str = "nsq4") -> Optional[Path]:
+    """The calibration a K cache of type `type_k` (nsq4 or nsq3) of `model` (loaded as `model_ptr`) is centered by,
+    or None for none. llama_cpp.Llama calls it as its NSQ calibration resolver (the entry point
+    "llama_cpp.nsq_calib_resolver" in pyproject.toml).
 
     nsq_calib: False, none; a path, that file; None (or True), the cached default, which is skipped with a warning
     on a model where centering is not exact (llama.cpp refuses a file given for one).
@@ -304,20 +322,20 @@ def resolve(model: Union[str, Path], model_ptr: object, nsq_calib: Union[None, b
     if nsq_calib is False:
         return None
     if nsq_calib is None or nsq_calib is True:
-        return _default(Path(model), model_ptr)
+        return _default(Path(model), model_ptr, type_k)
     path = Path(nsq_calib)
     if not path.is_file():
-        raise FileNotFoundError(f"NSQ4 calibration file not found: {path} (make one with `nsq-calibrate -m MODEL`)")
+        raise FileNotFoundError(f"NSQ calibration file not found: {path} (make one with `nsq-calibrate -m MODEL`)")
     check_fits(path, Path(model))
     return path
 
 
-def _default(model: Path, model_ptr: object) -> Optional[Path]:
+def _default(model: Path, model_ptr: object, type_k: str) -> Optional[Path]:
     import llama_cpp
 
-    why = llama_cpp.llama_model_nsq4_centering_inexact(model_ptr)
+    why = llama_cpp.llama_model_nsq_centering_inexact(model_ptr)
     if why:
-        print(f"nsq-local: warning: the nsq4 K cache of {model.name} is not centered: {why.decode()}",
+        print(f"nsq-local: warning: the {type_k} K cache of {model.name} is not centered: {why.decode()}",
               file=sys.stderr)
         return None
     try:
@@ -325,7 +343,7 @@ def _default(model: Path, model_ptr: object) -> Optional[Path]:
     except HeadSizeError:
         return None  # creating the context reports it, with the cache types that fit
     except (RuntimeError, ValueError) as e:  # capture.LlamaError included
-        print(f"nsq-local: warning: calibrating {model.name} failed, so its nsq4 K cache is not centered: {e}",
+        print(f"nsq-local: warning: calibrating {model.name} failed, so its {type_k} K cache is not centered: {e}",
               file=sys.stderr)
         return None
 
@@ -336,7 +354,7 @@ class Decoder(capture.Decoder):
 
     def _calibration(self, type_k: int, nsq_calib: capture.NsqCalib) -> Optional[Path]:
         if centers_k(type_k):
-            return resolve(self.model.path, self.model.ptr, nsq_calib)
+            return resolve(self.model.path, self.model.ptr, nsq_calib, self.type_k)
         return super()._calibration(type_k, nsq_calib)
 
 

@@ -67,7 +67,7 @@ def test_calibration_of_another_shape_is_refused(tool, smollm2, wikitext, tmp_pa
 def test_llama_nsq_calib_argument(smollm2, calib, tmp_path):
     import llama_cpp
 
-    with pytest.raises(FileNotFoundError, match="NSQ4 calibration file not found"):
+    with pytest.raises(FileNotFoundError, match="NSQ calibration file not found"):
         llama_cpp.Llama(model_path=str(smollm2), type_k="nsq4", type_v="nsq4", nsq_calib=tmp_path / "no.gguf",
                         verbose=False)
     with pytest.raises(ValueError, match="nsq_calib calibrates an nsq4 or nsq3 K cache"):
@@ -187,7 +187,7 @@ def test_llama_centers_nsq4_by_default(smollm2, wikitext, empty_cache, capfd):
     err = capfd.readouterr().err
     (made,) = (empty_cache / "calibration").glob("*.nsq.gguf")
     assert llm.nsq_calib == made
-    assert f"calibrating the NSQ4 K cache for {smollm2.name}" in err and f"K means kept in {made}" in err
+    assert f"calibrating the NSQ K cache for {smollm2.name}" in err and f"K means kept in {made}" in err
     meta, tensors = calibrate.read_gguf(made)
     assert meta["nsq.calibration.model_sha256"] == hashlib.sha256(smollm2.read_bytes()).hexdigest()
     assert sorted(tensors) == sorted(f"nsq.k_mean.{il}" for il in range(30))
@@ -212,6 +212,75 @@ def test_llama_log_says_whether_k_is_centered(smollm2, calib, capfd):
     assert f"nsq4: K centered by the calibrated means of 30 layers from {calib}" in capfd.readouterr().err
     llama_cpp.Llama(model_path=str(smollm2), n_ctx=64, type_k="nsq4", type_v="nsq4", nsq_calib=False, verbose=True)
     assert "nsq4: K not centered (no calibration" in capfd.readouterr().err
+
+
+def test_calibration_of_an_older_format_is_refused_with_how_to_remake_it(smollm2, calib, tmp_path):
+    """A calibration file records its format version: a file without one (nsq-local before it) or of another version
+    is refused with a message that says how to make it again, by nsq_local's resolver and by llama.cpp itself
+    (llama_nsq_calib_init, reached with no resolver registered); the same means and metadata with this version load
+    (the control)."""
+    import gguf
+    import llama_cpp
+
+    meta, tensors = calibrate.read_gguf(calib)
+
+    def write(name: str, version) -> Path:
+        w = gguf.GGUFWriter(str(tmp_path / name), "nsq-calibration")
+        if version is not None:
+            w.add_uint32("nsq.calibration.version", version)
+        for key, value in meta.items():
+            w.add_string(key, value)
+        for key, t in tensors.items():
+            w.add_tensor(key, t)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        return tmp_path / name
+
+    kw = dict(model_path=str(smollm2), n_ctx=64, type_k="nsq4", type_v="nsq4", verbose=False)
+    current = write("current.gguf", calibrate.FORMAT_VERSION)
+    assert llama_cpp.Llama(**kw, nsq_calib=current).nsq_calib == current
+    resolver = llama_cpp.get_nsq_calib_resolver()
+    for name, version, why in (("old.gguf", None, "of an older format (no version)"),
+                               ("v4.gguf", 4, "of format version 4")):
+        path = write(name, version)
+        with pytest.raises(ValueError, match=re.escape(f"{path} is {why}, this build reads version "
+                                                       f"{calibrate.FORMAT_VERSION}: make it again with `nsq-calibrate")):
+            llama_cpp.Llama(**kw, nsq_calib=path)
+        llama_cpp.set_nsq_calib_resolver(None)
+        try:
+            with pytest.raises(ValueError, match=re.escape(f"'{path}' is {why}, this build reads version "
+                                                           f"{calibrate.FORMAT_VERSION}: make it again with `nsq-calibrate")):
+                llama_cpp.Llama(**kw, nsq_calib=path)
+        finally:
+            llama_cpp.set_nsq_calib_resolver(resolver)
+
+
+def test_llama_cpp_without_the_resolver_runs_uncentered_and_says_so_once(smollm2, calib, tmp_path):
+    """llama_cpp finds nsq-local's resolver through its entry point (importing nsq_local only then); with none
+    registered, nsq4 and nsq3 K caches are not centered and one warning, naming the type first asked for, says so;
+    a file given as nsq_calib still centers (llama.cpp checks it)."""
+    code = f"""
+import sys
+import llama_cpp
+assert "nsq_local" not in sys.modules
+import nsq_local.calibrate
+assert llama_cpp.get_nsq_calib_resolver() is nsq_local.calibrate.resolve
+llama_cpp.set_nsq_calib_resolver(None)
+kw = dict(model_path={str(smollm2)!r}, n_ctx=64, verbose=False)
+for t in ("nsq3", "nsq4", "nsq3"):
+    llm = llama_cpp.Llama(type_k=t, type_v=t, **kw)
+    assert llm.nsq_calib is None
+    assert not any(llama_cpp.llama_kv_layer_k_mean_id(llm.ctx, il) for il in range(30))
+llm = llama_cpp.Llama(type_k="nsq4", type_v="nsq4", nsq_calib={str(calib)!r}, **kw)
+assert all(llama_cpp.llama_kv_layer_k_mean_id(llm.ctx, il) for il in range(30))
+print("done")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stdout.strip() == "done", proc.stderr[-3000:]
+    said = [line for line in proc.stderr.splitlines() if "no NSQ calibration resolver is registered" in line]
+    assert len(said) == 1 and "so the nsq3 K cache is not centered" in said[0], proc.stderr[-3000:]
 
 
 def test_the_environment_no_longer_calibrates(smollm2, calib, tmp_path, monkeypatch):
@@ -426,21 +495,21 @@ def test_tools_refuse_a_calibration_where_centering_is_not_exact(tool, tiny_mode
                            str(wikitext), "-c", "64", "--chunks", "1", "-fa", "on", "-ctk", "nsq4", "-ctv", "nsq4",
                            "--nsq-calib", str(anyfile)], capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
-    assert f"the NSQ4 calibration file '{anyfile}' cannot be used with this model: its attention scores are " \
+    assert f"the NSQ calibration file '{anyfile}' cannot be used with this model: its attention scores are " \
            "soft-capped" in proc.stdout + proc.stderr
 
 
 def test_per_layer_types_from_the_calibration(smollm2, wikitext, calib, tmp_path, capfd):
-    """nsq.k_type.<layer> / nsq.v_type.<layer> in a calibration store those layers in that type: every layer in
+    """nsq.nsq4.k_type.<layer> / nsq.nsq4.v_type.<layer> in a calibration store those layers in that type: every layer in
     q8_0 gives a plain q8_0 cache's logits bit for bit; one f16 K layer changes them and is counted in the size log."""
     import llama_cpp
 
     means = list(calibrate.read_gguf(calib)[1].values())
     all_q8 = tmp_path / "all-q8.gguf"
-    calibrate.write_gguf(all_q8, means, {**{f"nsq.k_type.{il}": "q8_0" for il in range(30)},
-                                         **{f"nsq.v_type.{il}": "q8_0" for il in range(30)}})
+    calibrate.write_gguf(all_q8, means, {**{f"nsq.nsq4.k_type.{il}": "q8_0" for il in range(30)},
+                                         **{f"nsq.nsq4.v_type.{il}": "q8_0" for il in range(30)}})
     one_f16 = tmp_path / "one-f16.gguf"
-    calibrate.write_gguf(one_f16, means, {"nsq.k_type.0": "f16"})
+    calibrate.write_gguf(one_f16, means, {"nsq.nsq4.k_type.0": "f16"})
     tokens = llama_cpp.Llama(model_path=str(smollm2), vocab_only=True, verbose=False).tokenize(
         wikitext.read_text(encoding="utf-8")[:2000].encode())[:120]
 
@@ -456,7 +525,7 @@ def test_per_layer_types_from_the_calibration(smollm2, wikitext, calib, tmp_path
     assert "K f16: layers 0" in log, log[-2000:]
     assert not np.array_equal(wider, logits("nsq4", calib))
     bad = tmp_path / "bad.gguf"
-    calibrate.write_gguf(bad, means, {"nsq.k_type.3": "q3_x"})
+    calibrate.write_gguf(bad, means, {"nsq.nsq4.k_type.3": "q3_x"})
     with pytest.raises(ValueError, match="stores K of layer 3 as 'q3_x'"):
         logits("nsq4", bad)
 
@@ -488,12 +557,12 @@ def test_default_calibration_widens_an_outlier_layer(bias, upstream_tree, empty_
     _, llm = logits("nsq4")
     log = capfd.readouterr().err
     meta, tensors = calibrate.read_gguf(llm.nsq_calib)
-    wider = {key: t for key, t in meta.items() if key.startswith(("nsq.k_type.", "nsq.v_type."))}
+    wider = {key: t for key, t in meta.items() if key.startswith(("nsq.nsq4.k_type.", "nsq.nsq4.v_type."))}
     if bias == "none":
         assert wider == {} and "per-layer precision from" not in log
         return
-    assert list(wider) == ["nsq.k_type.0"] and wider["nsq.k_type.0"] in calibrate.LAYER_TYPES, wider
-    assert f"K {wider['nsq.k_type.0']}: layers 0" in log, log[-2000:]
+    assert list(wider) == ["nsq.nsq4.k_type.0"] and wider["nsq.nsq4.k_type.0"] in calibrate.LAYER_TYPES, wider
+    assert f"K {wider['nsq.nsq4.k_type.0']}: layers 0" in log, log[-2000:]
     bits = float(re.search(r"per-layer precision from .*K\+V ([0-9.]+)", log).group(1))
     assert 4.25 < bits <= calibrate.LAYER_BITS_BUDGET
     centering = tmp_path / "centering.gguf"  # the same means, every layer's K in nsq4

@@ -151,7 +151,7 @@ def test_f16_size_counts_wider_layers(smollm2, nsq_calib, tmp_path):
     from nsq_local.cquant import bits_per_value
 
     one_f16 = tmp_path / "one-f16.gguf"
-    calibrate.write_gguf(one_f16, list(calibrate.read_gguf(nsq_calib)[1].values()), {"nsq.k_type.0": "f16"})
+    calibrate.write_gguf(one_f16, list(calibrate.read_gguf(nsq_calib)[1].values()), {"nsq.nsq4.k_type.0": "f16"})
     _, wider = open_llama(model_path=str(smollm2), n_ctx=256, type_k="nsq4", type_v="nsq4", nsq_calib=one_f16)
     _, f16 = open_llama(model_path=str(smollm2), n_ctx=256, type_k="f16", type_v="f16")
     assert wider.type_k == "nsq4" and wider.mib > 0

@@ -1,5 +1,6 @@
 """The layout of the nsq_local package: its modules import one another without a cycle, so that each can be read
-after the ones it builds on (imports inside functions count: a deferred import is still a dependency)."""
+after the ones it builds on (imports inside functions count: a deferred import is still a dependency); and the patched
+llama_cpp package never imports nsq_local (nsq-local plugs into it, not the reverse)."""
 from __future__ import annotations
 
 import ast
@@ -19,6 +20,17 @@ def imports_of(path: Path) -> set[str]:
                 found.update(f"nsq_local.{a.name}" for a in node.names)
             elif node.module.startswith("nsq_local."):
                 found.add(node.module)
+    return found
+
+
+def top_level_imports(path: Path) -> set[str]:
+    """The top-level packages a module imports anywhere in it (absolute imports only)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module.split(".")[0])
     return found
 
 
@@ -79,6 +91,7 @@ def test_the_graph_sees_deferred_imports(tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text(tree)
     assert imports_of(probe) == {"nsq_local.calibrate", "nsq_local.capture", "nsq_local._common"}
+    assert top_level_imports(probe) == {"nsq_local"}
 
 
 def test_no_import_cycle_in_nsq_local():
@@ -94,3 +107,21 @@ def test_common_and_reference_import_nothing_of_nsq_local():
     graph = module_graph()
     assert graph["nsq_local._common"] == set()
     assert graph["nsq_local.reference"] == set()
+
+
+def test_llama_cpp_never_imports_nsq_local():
+    """The installed llama_cpp (the binding, its high-level API and its server, as our patches leave them) imports
+    nothing of nsq_local: the default calibration reaches Llama() through llama_cpp's resolver entry point, which
+    nsq-local's package metadata registers."""
+    import importlib.metadata
+
+    import llama_cpp
+
+    modules = sorted(Path(llama_cpp.__file__).parent.rglob("*.py"))
+    assert any(p.name == "llama.py" for p in modules) and any(p.parent.name == "server" for p in modules)
+    importing = [str(p) for p in modules if "nsq_local" in top_level_imports(p)]
+    assert not importing, f"llama_cpp modules that import nsq_local: {importing}"
+    eps = importlib.metadata.entry_points()
+    group = (eps.select(group=llama_cpp.NSQ_CALIB_RESOLVER_GROUP) if hasattr(eps, "select")
+             else eps.get(llama_cpp.NSQ_CALIB_RESOLVER_GROUP, []))
+    assert [ep.value for ep in group] == ["nsq_local.calibrate:resolve"]

@@ -144,7 +144,7 @@ def test_quantize_fp16_subnormal_and_rounding_edges_bit_exact(shim, kind):
 
 
 def test_fp16_conversion_of_d_exact(shim):
-    """nsq4_fp16_bits against IEEE round-to-nearest-even for every float in [0, 65504] whose low 13 bits are a
+    """nsq_fp16_bits against IEEE round-to-nearest-even for every float in [0, 65504] whose low 13 bits are a
     rounding edge (0, 1, just below / at / above the tie, all ones): every fp16 normal and subnormal step, ties
     included, which random blocks almost never reach."""
     top = np.uint32(np.float32(65504.0).view(np.uint32))
@@ -234,7 +234,7 @@ def test_metal_instantiations_mirror_q4_0(upstream_tree, vec):
     side's block and dequantizer and the same remaining template arguments; nothing else is instantiated. A mixed
     kernel whose V side kept nsq4's block is caught (negative control)."""
     kernels = upstream_tree / "vendor/llama.cpp/ggml/src/ggml-metal/kernels"
-    q4_file, nsq_file = ("fa_vec_q4_0.metal", "fa_vec_nsq4.metal") if vec else ("fa_q4_0.metal", "fa_nsq4.metal")
+    q4_file, nsq_file = ("fa_vec_q4_0.metal", "fa_vec_nsq.metal") if vec else ("fa_q4_0.metal", "fa_nsq.metal")
     q4 = host_names((kernels / q4_file).read_text(), "kernel_flash_attn_ext_")
     want = {}
     for pair in FA_PAIRS:
@@ -254,7 +254,7 @@ def test_metal_conversion_kernels_and_libraries(upstream_tree):
     """The set_rows/cpy/get_rows/F16-pre-conversion kernels of NSQ4 and NSQ3, CMake sources and library entries are
     all there, in NSQ4's own libraries."""
     metal = upstream_tree / "vendor/llama.cpp/ggml/src/ggml-metal"
-    nsq4 = (metal / "kernels" / "nsq4.metal").read_text()
+    nsq4 = (metal / "kernels" / "nsq.metal").read_text()
     want_names, want_plain = {}, set()
     for t in ("nsq4", "nsq3"):
         want_names |= {f"kernel_set_rows_f32_i64_{t}": "int64_t", f"kernel_set_rows_f32_i32_{t}": "int32_t",
@@ -266,18 +266,18 @@ def test_metal_conversion_kernels_and_libraries(upstream_tree):
     assert plain == want_plain
 
     cmake = (metal / "CMakeLists.txt").read_text()
-    nsq4_sources = re.search(r"set\(METALLIB_NSQ4_SOURCES\n(.*?)\)", cmake, re.S).group(1).split()
+    nsq_sources = re.search(r"set\(METALLIB_NSQ_SOURCES\n(.*?)\)", cmake, re.S).group(1).split()
     device = (metal / "ggml-metal-device.m").read_text()
-    for lib in ("nsq4", "fa_nsq4", "fa_vec_nsq4"):
-        assert f"kernels/{lib}.metal" in nsq4_sources
+    for lib in ("nsq", "fa_nsq", "fa_vec_nsq"):
+        assert f"kernels/{lib}.metal" in nsq_sources
         assert re.search(r"X\(\w+,\s+" + lib + r"\)", device)
 
 
 def test_nsq_kernels_type_check_on_the_host(upstream_tree):
-    """kernels/nsq4.metal, NSQ4's and NSQ3's kernels, compiles as C++ against the shim: every name, argument-struct
+    """kernels/nsq.metal, NSQ4's and NSQ3's kernels, compiles as C++ against the shim: every name, argument-struct
     field and type its kernels use exists, and every template instantiation goes through. A misspelt field in an
     NSQ4 kernel and in an NSQ3 kernel are each caught (negative controls)."""
-    kernels = (upstream_tree / KERNELS / "nsq4.metal").read_text()
+    kernels = (upstream_tree / KERNELS / "nsq.metal").read_text()
     proc = type_check_kernels(upstream_tree, kernels, "kernels")
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == "", proc.stderr

@@ -1,5 +1,5 @@
 """The ggml-metal-nsq4 and ggml-metal-nsq3 patches leave upstream's Metal libraries as they were: the Metal code of
-NSQ4 and NSQ3 is compiled only into NSQ4's own libraries (nsq4, fa_nsq4, fa_vec_nsq4), so that a compile error in it
+NSQ4 and NSQ3 is compiled only into NSQ4's own libraries (nsq4, fa_nsq, fa_vec_nsq), so that a compile error in it
 costs a Mac the NSQ types (their ops run on the CPU), never the Metal backend.
 
 Nothing here compiles Metal. For every upstream library, the source the Metal compiler is given is rebuilt in Python
@@ -7,7 +7,7 @@ from the pristine sdist and from the patched tree, as CMake's embed step writes 
 llama-cpp-python turns on for Apple) and as ggml_metal_library_flatten_source reads it at run time otherwise, and the
 two are compared byte for byte. ggml-common.h, which every library inlines and which declares NSQ4 and NSQ3 for the
 CPU and CUDA, is taken as Metal sees it: its conditionals evaluated by the host preprocessor for Metal without
-GGML_METAL_NSQ4, the macro only NSQ4's libraries are compiled with.
+GGML_METAL_NSQ, the macro only NSQ4's libraries are compiled with.
 """
 from __future__ import annotations
 
@@ -25,9 +25,9 @@ import pytest
 from helpers import ROOT
 
 SRC = "vendor/llama.cpp/ggml/src"
-NSQ4_KINDS = ("nsq4", "fa_nsq4", "fa_vec_nsq4")
+NSQ_KINDS = ("nsq", "fa_nsq", "fa_vec_nsq")
 NSQ_FILES = ({"ggml-metal/kernels/nsq4.h", "ggml-metal/kernels/nsq3.h"}
-             | {f"ggml-metal/kernels/{kind}.metal" for kind in NSQ4_KINDS})
+             | {f"ggml-metal/kernels/{kind}.metal" for kind in NSQ_KINDS})
 # the upstream files the patches may change: the NSQ libraries' registration (CMake sources, library list), the
 # supports_op entries and the fallback that makes the libraries optional, the F16 pre-conversion choice, and the
 # K/V kernel names and F16 pre-conversion of the one mixed pair (an NSQ4 K with an NSQ3 V)
@@ -171,7 +171,7 @@ def differing_kinds(pristine: Files, patched: Files, build, cxx: str, tmp: Path)
 @pytest.mark.parametrize("build", [embedded, flattened], ids=["embedded", "source"])
 def test_upstream_libraries_are_compiled_from_upstreams_source(pristine, patched, build, cxx, tmp_path):
     kinds = upstream_kinds(pristine)
-    assert len(kinds) > 30 and not set(kinds) & set(NSQ4_KINDS)
+    assert len(kinds) > 30 and not set(kinds) & set(NSQ_KINDS)
     assert differing_kinds(pristine, patched, build, cxx, tmp_path) == []
 
 
@@ -187,31 +187,31 @@ def test_nsq_code_in_a_shared_header_would_be_caught(pristine, patched, build, k
 
 
 @pytest.mark.parametrize("build", [embedded, flattened], ids=["embedded", "source"])
-@pytest.mark.parametrize("kind", NSQ4_KINDS)
+@pytest.mark.parametrize("kind", NSQ_KINDS)
 def test_nsq4_libraries_get_nsq4_h_after_ggml_common_h(patched, kind, build, cxx, tmp_path):
     """Both paths resolve the NSQ headers in NSQ4's libraries (CMake's embed step knows them by name), once each,
     after ggml-common.h's NSQ declarations, nsq4.h (whose fp16 conversion nsq3.h uses) before nsq3.h."""
-    text = build(patched, kind, metal_view(cxx, patched["ggml-common.h"], tmp_path, "GGML_METAL_NSQ4"))
+    text = build(patched, kind, metal_view(cxx, patched["ggml-common.h"], tmp_path, "GGML_METAL_NSQ"))
     assert text.count("void quantize_nsq4(") == 1 and text.count("void quantize_nsq3(") == 1
     assert text.index("} block_nsq4;") < text.index("void quantize_nsq4(")
-    assert text.index("} block_nsq3;") < text.index("static inline ushort nsq4_fp16_bits(") < text.index(
+    assert text.index("} block_nsq3;") < text.index("static inline ushort nsq_fp16_bits(") < text.index(
         "void quantize_nsq3(")
     # the embedded source keeps dequantize.h's include of ggml-common.h, in the branch it does not compile
     assert [ln for ln in text.splitlines() if QUOTED_INCLUDE.match(ln) and "ggml-common.h" not in ln] == []
 
 
 def test_ggml_common_h_declares_nsq4_to_nsq4s_libraries_only(pristine, patched, cxx, tmp_path):
-    """Metal without GGML_METAL_NSQ4 reads upstream's ggml-common.h byte for byte, nothing of NSQ4 or NSQ3; with it,
+    """Metal without GGML_METAL_NSQ reads upstream's ggml-common.h byte for byte, nothing of NSQ4 or NSQ3; with it,
     their blocks and tables. A guard that let them through is caught (negative control)."""
     ours = patched["ggml-common.h"]
     upstream = metal_view(cxx, pristine["ggml-common.h"], tmp_path)
     assert metal_view(cxx, ours, tmp_path) == upstream
     assert "nsq" not in metal_view(cxx, ours, tmp_path).lower()
-    for name in ("block_nsq4", "kvalues_nsq4", "kscales_nsq4", "QK_NSQ4", "NSQ4_GRID",
+    for name in ("block_nsq4", "kvalues_nsq4", "kscales_nsq4", "QK_NSQ4", "NSQ_GRID",
                  "block_nsq3", "kvalues_nsq3", "kscales_nsq3", "QK_NSQ3"):
-        assert name in metal_view(cxx, ours, tmp_path, "GGML_METAL_NSQ4")
-    assert ours.count("|| defined(GGML_METAL_NSQ4)") == 2
-    leaky = ours.replace("|| defined(GGML_METAL_NSQ4)", "|| 1")
+        assert name in metal_view(cxx, ours, tmp_path, "GGML_METAL_NSQ")
+    assert ours.count("|| defined(GGML_METAL_NSQ)") == 2
+    leaky = ours.replace("|| defined(GGML_METAL_NSQ)", "|| 1")
     assert metal_view(cxx, leaky, tmp_path) != upstream
 
 
@@ -219,19 +219,19 @@ def test_only_nsq4s_libraries_are_compiled_with_ggml_metal_nsq4(patched):
     """The macro reaches NSQ4's three libraries and no other: at run time (ggml_metal_library_compile_all, embedded
     and source paths) and in default.metallib's build-time compile (GGML_METAL_EMBED_LIBRARY=OFF)."""
     device = patched["ggml-metal/ggml-metal-device.m"]
-    (body,) = re.findall(r"static bool ggml_metal_lib_is_nsq4\(int kind\) \{(.*?)\n\}", device, re.S)
-    assert set(re.findall(r"GGML_METAL_LIB_(\w+)", body)) == {"NSQ4", "FA_NSQ4", "FA_VEC_NSQ4"}
-    code = [ln for ln in re.findall(r".*GGML_METAL_NSQ4.*", device) if not ln.lstrip().startswith("//")]
-    assert code == ['    [prep_nsq4 setObject:@"1" forKey:@"GGML_METAL_NSQ4"];']
-    assert "options.preprocessorMacros = ggml_metal_lib_is_nsq4(kind) ? prep_nsq4 : prep;" in device
-    for kind in NSQ4_KINDS:
+    (body,) = re.findall(r"static bool ggml_metal_lib_is_nsq\(int kind\) \{(.*?)\n\}", device, re.S)
+    assert set(re.findall(r"GGML_METAL_LIB_(\w+)", body)) == {"NSQ4", "FA_NSQ", "FA_VEC_NSQ"}
+    code = [ln for ln in re.findall(r".*GGML_METAL_NSQ.*", device) if not ln.lstrip().startswith("//")]
+    assert code == ['    [prep_nsq setObject:@"1" forKey:@"GGML_METAL_NSQ"];']
+    assert "options.preprocessorMacros = ggml_metal_lib_is_nsq(kind) ? prep_nsq : prep;" in device
+    for kind in NSQ_KINDS:
         assert re.search(r"X\(\w+,\s+" + kind + r"\)", device)
 
     cmake = patched["ggml-metal/CMakeLists.txt"]
-    assert kernel_sources(cmake, "METALLIB_NSQ4_SOURCES") == list(NSQ4_KINDS)
-    assert re.findall(r".*-DGGML_METAL_NSQ4.*", cmake) == ["            set(XC_NSQ4_DEFS -DGGML_METAL_NSQ4)"]
-    assert "if (src IN_LIST METALLIB_NSQ4_SOURCES)\n            set(XC_NSQ4_DEFS -DGGML_METAL_NSQ4)" in cmake
-    for kind in NSQ4_KINDS:
+    assert kernel_sources(cmake, "METALLIB_NSQ_SOURCES") == list(NSQ_KINDS)
+    assert re.findall(r".*-DGGML_METAL_NSQ4.*", cmake) == ["            set(XC_NSQ_DEFS -DGGML_METAL_NSQ4)"]
+    assert "if (src IN_LIST METALLIB_NSQ_SOURCES)\n            set(XC_NSQ_DEFS -DGGML_METAL_NSQ4)" in cmake
+    for kind in NSQ_KINDS:
         assert '#include "nsq4.h"\n#include "nsq3.h"' in patched[f"ggml-metal/kernels/{kind}.metal"]
 
 
@@ -270,7 +270,7 @@ def kernel_text(source: str, name: str) -> str:
     return re.sub(r"\s+", " ", source[m.end() - 1:end + 1])
 
 
-# NSQ4's kernel in nsq4.metal, the upstream template it stands in for, its file, and the template arguments
+# NSQ4's kernel in nsq.metal, the upstream template it stands in for, its file, and the template arguments
 NSQ4_TEMPLATES = [
     ("kernel_set_rows_f32_nsq4", "kernel_set_rows_q", "quantize.metal",
      {"TS": "float", "QK": "QK_NSQ4", "block_q": "block_nsq4", "quantize_func": "quantize_nsq4"}),
@@ -308,7 +308,7 @@ def test_nsq_kernels_follow_upstreams_templates(pristine, patched, ours, templat
     type's arguments substituted, token for token: ggml-metal-ops.cpp dispatches them with the same arguments and
     grid."""
     want = template_with_args(pristine, template, file, args)
-    assert kernel_text(patched["ggml-metal/kernels/nsq4.metal"], ours) == want
+    assert kernel_text(patched["ggml-metal/kernels/nsq.metal"], ours) == want
 
 
 def test_a_kernel_off_its_template_would_be_caught(pristine, patched):
@@ -316,7 +316,7 @@ def test_a_kernel_off_its_template_would_be_caught(pristine, patched):
     template with NSQ3's arguments."""
     ours, template, file, args = for_nsq3(NSQ4_TEMPLATES[3])
     assert ours == "kernel_get_rows_nsq3"
-    source = patched["ggml-metal/kernels/nsq4.metal"]
+    source = patched["ggml-metal/kernels/nsq.metal"]
     good = kernel_text(source, ours)
     assert good.count("psrc + ind/4, ind%4") == 1
     broken = source.replace(good.split("{", 1)[1][:0] + "dequantize_nsq3(psrc + ind/4, ind%4, temp)",

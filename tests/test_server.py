@@ -139,7 +139,7 @@ def test_python_server_type_given_as_a_ggml_type_value_still_works(smollm2, tmp_
     (["--type_v", "q4_0", "--flash_attn", "false"], "a quantized V cache (type_v='q4_0') requires flash attention"),
     (["--type_k", "f16", "--nsq_calib", "x.gguf"],
      "nsq_calib calibrates an nsq4 or nsq3 K cache, but type_k is 'f16'"),
-    (["--type_k", "nsq4", "--nsq_calib", "missing.nsq.gguf"], "NSQ4 calibration file not found: missing.nsq.gguf"),
+    (["--type_k", "nsq4", "--nsq_calib", "missing.nsq.gguf"], "NSQ calibration file not found: missing.nsq.gguf"),
     (["--model", "missing.gguf"], "llama_cpp.server: error: Model path does not exist: missing.gguf"),
 ])
 def test_python_server_bad_settings_stop_start_up(smollm2, tmp_path, args, message):

@@ -1,4 +1,4 @@
-// Type-checks the NSQ family's Metal kernels (NSQ4's and NSQ3's), the patched kernels/nsq4.metal without its
+// Type-checks the NSQ family's Metal kernels (NSQ4's and NSQ3's), the patched kernels/nsq.metal without its
 // includes (nsq_metal_kernels.h), on the host (g++ -fsyntax-only): the names, argument structs (ggml-metal-impl.h)
 // and types they use, and every instantiation of their templates. Only the Metal compiler can check the rest
 // (attributes, address spaces).
@@ -21,7 +21,7 @@ typedef vec3<ushort> ushort3;
 
 #define GGML_COMMON_DECL_METAL
 #define GGML_COMMON_IMPL_METAL
-#define GGML_METAL_NSQ4
+#define GGML_METAL_NSQ
 #include "ggml-common.h"
 
 #include "nsq_metal_blocks.h"

@@ -4,7 +4,7 @@
 //   d|D <n> then n blocks      -> per block: 64 float32 from dequantize_<type><float4x4> (il = 0..3),
 //                                 64 float32 from dequantize_<type>_t4<float4> (il = 0..15),
 //                                 64 float16 from dequantize_<type><half4x4>, 64 float16 from dequantize_<type>_t4<half4>
-//   h <n> then n float32       -> n uint16: nsq4_fp16_bits, the conversion that stores d
+//   h <n> then n float32       -> n uint16: nsq_fp16_bits, the conversion that stores d
 #include <cstdio>
 #include <vector>
 
@@ -15,7 +15,7 @@
 
 #define GGML_COMMON_DECL_METAL
 #define GGML_COMMON_IMPL_METAL
-#define GGML_METAL_NSQ4 // as NSQ4's Metal libraries are compiled: ggml-common.h declares NSQ4 and NSQ3 to Metal only then
+#define GGML_METAL_NSQ // as NSQ4's Metal libraries are compiled: ggml-common.h declares NSQ4 and NSQ3 to Metal only then
 #include "ggml-common.h"
 
 #include "nsq_metal_blocks.h"
@@ -91,7 +91,7 @@ int main() {
                 return 2;
             }
             for (float f : x) {
-                const ushort h = nsq4_fp16_bits(f);
+                const ushort h = nsq_fp16_bits(f);
                 put(&h, 1);
             }
             return 0;
