@@ -50,6 +50,12 @@ def read_series() -> list[Path]:
     return [HERE / n for n in names]
 
 
+def header(patch: Path) -> str:
+    """A patch's header: what precedes its first diff (DEP-3 style fields: what, why, whether it could go upstream)."""
+    text = patch.read_text()
+    return text[:text.find("diff --git ")].strip() + "\n"
+
+
 def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -204,7 +210,7 @@ def prepare(dest: Path, explicit_sdist: str | None, cache: Path, commits: bool =
                 raise PrepareError(f"patch {patch.name} does not apply to {pin['package']} {pin['version']}:\n"
                                    f"{proc.stderr.strip()}\nRegenerate it as described in ggml_patch/README.md.")
             if commits:
-                commit(root, patch.name)
+                commit(root, f"{patch.name}\n\n{header(patch)}")
         (root / ".git" / "info" / "exclude").write_text(STAMP + "\n")
         if dest.is_dir() and (dest / STAMP).is_file() and not commits:
             sync(root, dest)

@@ -3,7 +3,7 @@ llama.cpp reads, llama.cpp's log, the native ggml libraries and the command-line
 
 It imports nothing else of nsq_local. The ggml type names and ids, and the set of unquantized types, are the
 binding's (`llama_cpp.llama.GGML_TYPE_NAMES`, `ggml_type_from_name`, `GGML_UNQUANTIZED_TYPES`, from the
-python-type-names-and-flash-attn patch). This module is the only one that reaches into llama_cpp's private
+python-nsq-types-and-calibration patch). This module is the only one that reaches into llama_cpp's private
 `_logger` (the log callback that prints what the verbosity lets through and keeps the error the binding's exceptions
 quote), and the only one that opens the ggml libraries.
 """

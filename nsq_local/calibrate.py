@@ -100,7 +100,7 @@ def k_means(model: Path, text: str, n_ctx: int = 2048, chunks: int = 2, n_thread
 
 
 # The calibration file's format, recorded in it as "nsq.calibration.version" (llama.cpp reads this version only:
-# LLAMA_NSQ_CALIB_VERSION, the llama-nsq4-k-centering patch). 5: per-layer types under one prefix per cache type,
+# LLAMA_NSQ_CALIB_VERSION, the llama-nsq-calibration patch). 5: per-layer types under one prefix per cache type,
 # "nsq.nsq4.k_type.<layer>" / "nsq.nsq3.k_type.<layer>"; files before it had no version.
 FORMAT_VERSION = 5
 
@@ -158,12 +158,12 @@ def model_id(model: Path) -> str:
     return digest
 
 
-# Per-layer precision (the llama-nsq4-per-layer-precision patch): the few layers whose nsq4 keys harm attention far
+# Per-layer precision (the llama-nsq-calibration patch): the few layers whose nsq4 keys harm attention far
 # more than the model's other layers' are stored in a wider type, named in the calibration file as "nsq.nsq4.k_type.<layer>".
 LAYER_BITS_BUDGET = 4.5  # the average bits per K+V value that wider layers may bring an nsq4 cache to (q4_0's)
 LAYER_OUTLIER = 10.0  # a layer is an outlier when its attention KL is this many times the median layer's
 LAYER_TYPES = ("q8_0", "f16")  # by cost: an outlier gets the cheapest that brings it to the median layer's KL
-# An nsq3 cache (its layers named "nsq.nsq3.k_type.<layer>", the llama-nsq3-cache-type-glue patch) spends more on its
+# An nsq3 cache (its layers named "nsq.nsq3.k_type.<layer>", the llama-nsq-calibration patch) spends more on its
 # keys, which carry most of its error: after its outliers, the layers whose keys gain most from nsq4 get nsq4 keys
 # while the cache stays within 3.5 bits/value. With the NSQ3 prototype (docs/design.md), K in nsq4 in a quarter of the
 # layers took SmolLM2's KLD to 0.73x flat nsq3's, in half of them to 0.51x (Gemma 3 270M: 0.54x, 0.40x).

@@ -1,4 +1,4 @@
-"""nsq-calibrate and the K centering of the llama-nsq4-k-centering patch: the means are applied, exact under softmax,
+"""nsq-calibrate and the K centering of the llama-nsq-calibration patch: the means are applied, exact under softmax,
 kept through cache clears and context shifts, and refused when they do not fit."""
 from __future__ import annotations
 

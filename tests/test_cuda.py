@@ -1,4 +1,4 @@
-"""The CUDA side of NSQ4 and NSQ3 (the ggml-cuda-nsq4 and ggml-cuda-nsq3 patches) without a GPU: every translation
+"""The CUDA side of NSQ4 and NSQ3 (the ggml-cuda-nsq patch) without a GPU: every translation
 unit the patches add or change compiles with nvcc for sm_80 and sm_90 with the flags of the real -DGGML_CUDA=ON build,
 and the block quantizers those kernels run (ggml-cuda/nsq4.cuh, nsq3.cuh) are bit-exact with nsq_local/reference.py
 when the same code runs on the host, as is the NSQ3 code unpacking of the flash-attention kernels.

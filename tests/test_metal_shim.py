@@ -1,4 +1,4 @@
-"""The Metal block functions of NSQ4 and NSQ3 (the ggml-metal-nsq4 and ggml-metal-nsq3 patches) agree bit for bit
+"""The Metal block functions of NSQ4 and NSQ3 (the ggml-metal-nsq patch) agree bit for bit
 with the numpy reference, on the host.
 
 No Mac is needed: the patched kernels/nsq4.h and kernels/nsq3.h, the NSQ family's own Metal headers, are compiled

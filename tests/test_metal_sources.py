@@ -1,5 +1,5 @@
-"""The ggml-metal-nsq4 and ggml-metal-nsq3 patches leave upstream's Metal libraries as they were: the Metal code of
-NSQ4 and NSQ3 is compiled only into NSQ4's own libraries (nsq4, fa_nsq, fa_vec_nsq), so that a compile error in it
+"""The ggml-metal-nsq patch leaves upstream's Metal libraries as they were: the Metal code of
+NSQ4 and NSQ3 is compiled only into the NSQ types' own libraries (nsq, fa_nsq, fa_vec_nsq), so that a compile error in it
 costs a Mac the NSQ types (their ops run on the CPU), never the Metal backend.
 
 Nothing here compiles Metal. For every upstream library, the source the Metal compiler is given is rebuilt in Python

@@ -94,12 +94,42 @@ def test_patch_that_does_not_apply_is_named(sdist, tmp_path):
     assert not (tmp_path / "tree").exists()
 
 
-def test_patches_are_small_context_git_diffs():
+# the fields each patch's header has, in this order (DEP-3 style; continuation lines start with a space)
+HEADER_FIELDS = ["Description", "Upstream-Candidate", "Author", "Forwarded", "Last-Update"]
+
+
+def test_patches_are_a_header_then_small_context_git_diffs():
+    """Each patch opens with its header (what, why, whether it could go upstream), then git diffs; no patch adds a
+    URL."""
     for name in load_prepare().read_series():
         text = name.read_text()
-        assert text.startswith("diff --git a/"), name
-        added = [ln for ln in text.splitlines() if ln.startswith("+") and not ln.startswith("+++")]
+        head, sep, diff = text.partition("\ndiff --git a/")
+        assert sep, name
+        fields = [ln.split(":", 1)[0] for ln in head.splitlines() if ln and not ln.startswith(" ")]
+        assert fields == HEADER_FIELDS, (name.name, fields)
+        assert len(head.split("\n", 1)[0]) > len("Description: ") + 10, name.name
+        added = [ln for ln in diff.splitlines() if ln.startswith("+") and not ln.startswith("+++")]
         assert not [ln for ln in added if "://" in ln], f"{name.name} adds a URL"
+
+
+def test_work_tree_commits_regenerate_the_patches_byte_for_byte(sdist, tmp_path):
+    """prepare.py --commits puts each patch's header into its commit message and regen.sh writes the patches back from
+    the commits: the round trip that editing the series relies on changes nothing. A commit without a header is
+    refused by regen.sh (the negative case)."""
+    patch_dir = tmp_path / "ggml_patch"
+    shutil.copytree(PATCH_DIR, patch_dir)
+    tree = tmp_path / "wt"
+    assert prepare(patch_dir, "--commits", "--dest", tree, "--sdist", sdist).returncode == 0
+    for p in patch_dir.glob("*.patch"):
+        p.write_text("")
+    proc = subprocess.run(["bash", str(patch_dir / "regen.sh"), str(tree)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    for name in load_prepare().read_series():
+        assert (patch_dir / name.name).read_text() == name.read_text(), name.name
+    git = ["git", "-C", str(tree), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "0099-no-header.patch"], check=True)
+    proc = subprocess.run(["bash", str(patch_dir / "regen.sh"), str(tree)], capture_output=True, text=True)
+    assert proc.returncode != 0 and "its message has no header" in proc.stderr
 
 
 def test_changed_inputs_rewrite_only_files_that_differ(sdist, tmp_path):
