@@ -215,12 +215,12 @@ def test_ggml_common_h_declares_nsq4_to_nsq4s_libraries_only(pristine, patched, 
     assert metal_view(cxx, leaky, tmp_path) != upstream
 
 
-def test_only_nsq4s_libraries_are_compiled_with_ggml_metal_nsq4(patched):
-    """The macro reaches NSQ4's three libraries and no other: at run time (ggml_metal_library_compile_all, embedded
+def test_only_the_nsq_libraries_are_compiled_with_ggml_metal_nsq(patched):
+    """The macro reaches the NSQ types' three libraries and no other: at run time (ggml_metal_library_compile_all, embedded
     and source paths) and in default.metallib's build-time compile (GGML_METAL_EMBED_LIBRARY=OFF)."""
     device = patched["ggml-metal/ggml-metal-device.m"]
     (body,) = re.findall(r"static bool ggml_metal_lib_is_nsq\(int kind\) \{(.*?)\n\}", device, re.S)
-    assert set(re.findall(r"GGML_METAL_LIB_(\w+)", body)) == {"NSQ4", "FA_NSQ", "FA_VEC_NSQ"}
+    assert set(re.findall(r"GGML_METAL_LIB_(\w+)", body)) == {"NSQ", "FA_NSQ", "FA_VEC_NSQ"}
     code = [ln for ln in re.findall(r".*GGML_METAL_NSQ.*", device) if not ln.lstrip().startswith("//")]
     assert code == ['    [prep_nsq setObject:@"1" forKey:@"GGML_METAL_NSQ"];']
     assert "options.preprocessorMacros = ggml_metal_lib_is_nsq(kind) ? prep_nsq : prep;" in device
@@ -229,8 +229,8 @@ def test_only_nsq4s_libraries_are_compiled_with_ggml_metal_nsq4(patched):
 
     cmake = patched["ggml-metal/CMakeLists.txt"]
     assert kernel_sources(cmake, "METALLIB_NSQ_SOURCES") == list(NSQ_KINDS)
-    assert re.findall(r".*-DGGML_METAL_NSQ4.*", cmake) == ["            set(XC_NSQ_DEFS -DGGML_METAL_NSQ4)"]
-    assert "if (src IN_LIST METALLIB_NSQ_SOURCES)\n            set(XC_NSQ_DEFS -DGGML_METAL_NSQ4)" in cmake
+    assert re.findall(r".*-DGGML_METAL_NSQ.*", cmake) == ["            set(XC_NSQ_DEFS -DGGML_METAL_NSQ)"]
+    assert "if (src IN_LIST METALLIB_NSQ_SOURCES)\n            set(XC_NSQ_DEFS -DGGML_METAL_NSQ)" in cmake
     for kind in NSQ_KINDS:
         assert '#include "nsq4.h"\n#include "nsq3.h"' in patched[f"ggml-metal/kernels/{kind}.metal"]
 
