@@ -13,6 +13,13 @@ llama_context_params.nsq_calib).
     nsq-calibrate -m model.gguf -f text.txt -o model.nsq.gguf
     llama-perplexity -m model.gguf -ctk nsq4 -ctv nsq4 -fa on --nsq-calib model.nsq.gguf ...
 
+With --embed it writes a copy of the model that carries its calibration in its metadata, one file to share: the
+llama.cpp tools and Llama() center its nsq4/nsq3 cache by it with no flag (an explicit --nsq-calib still wins,
+`--nsq-calib none` turns it off).
+
+    nsq-calibrate -m model.gguf --embed -o model-nsq.gguf
+    llama-server -m model-nsq.gguf -ctk nsq4 -ctv nsq4
+
 Without -f the text is the documentation of Python's standard library, which every Python has; text like what the
 model will see does better (docs/quality.md: on SmolLM2 and WikiText, held-out WikiText calibrates better than the
 docs, and both far better than none). Windows as long as the contexts you use fit best (-c, default 2048).
@@ -123,14 +130,20 @@ def write_gguf(path: Path, means: Sequence[npt.NDArray[np.float32]], meta: dict[
 
 
 def read_gguf(path: Path) -> tuple[dict[str, str], dict[str, npt.NDArray[np.float32]]]:
-    """A calibration file's string metadata and its tensors by name; a file of another format is refused, as
-    llama.cpp refuses it."""
+    """A calibration's string metadata and its means by name ("nsq.k_mean.<layer>"), from a calibration file or from
+    a model file that carries one (`embed`); a calibration of another format is refused, as llama.cpp refuses it."""
     import gguf
 
     try:
         reader = gguf.GGUFReader(str(path))
     except (ValueError, OSError) as e:
         raise ValueError(f"cannot read the NSQ calibration file {path} ({e}): make it with `nsq-calibrate -m MODEL`")
+    means = {t.name: np.array(t.data, dtype=np.float32) for t in reader.tensors if t.name.startswith("nsq.k_mean.")}
+    means.update({name: np.array(field.contents(), dtype=np.float32) for name, field in reader.fields.items()
+                  if name.startswith("nsq.k_mean.")})
+    if not means:
+        raise ValueError(f"{path} holds no NSQ calibration: make one with `nsq-calibrate -m MODEL`, or a model file "
+                         "that carries its own with `nsq-calibrate -m MODEL --embed`")
     field = reader.fields.get("nsq.calibration.version")
     version = field.contents() if field is not None else None
     if version != FORMAT_VERSION:
@@ -139,7 +152,57 @@ def read_gguf(path: Path) -> tuple[dict[str, str], dict[str, npt.NDArray[np.floa
                          + f", this build reads version {FORMAT_VERSION}: make it again with `nsq-calibrate -m MODEL`")
     meta = {name: field.contents() for name, field in reader.fields.items()
             if name.startswith("nsq.") and isinstance(field.contents(), str)}
-    return meta, {t.name: np.array(t.data, dtype=np.float32) for t in reader.tensors}
+    return meta, means
+
+
+def embed(model: Path, calib: Path, out: Path) -> Path:
+    """A copy of `model` that carries the calibration `calib` in its metadata: the calibration file's keys, with the
+    means as f32 arrays "nsq.k_mean.<layer>" (a model file's tensors must be the model's). llama.cpp's tools and
+    llama_cpp.Llama center an nsq4 or nsq3 K cache of it by that calibration with no flag and no cache file; a
+    calibration the model already carried is replaced. Written to a temporary file first, `out` appears whole."""
+    import gguf
+
+    meta, means = read_gguf(calib)
+    reader = gguf.GGUFReader(str(model))
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    writer = gguf.GGUFWriter(str(tmp), reader.fields["general.architecture"].contents())
+    try:
+        alignment = reader.fields.get("general.alignment")
+        if alignment is not None:
+            writer.data_alignment = int(alignment.contents())
+        for name, field in reader.fields.items():
+            # GGUF.*: the header, which the writer makes; the architecture: the writer's first key
+            if name.startswith(("GGUF.", "nsq.")) or name == "general.architecture":
+                continue
+            array = field.types[0] == gguf.GGUFValueType.ARRAY
+            writer.add_key_value(name, field.contents(), field.types[0], field.types[-1] if array else None)
+        writer.add_uint32("nsq.calibration.version", FORMAT_VERSION)
+        for key, value in meta.items():
+            writer.add_string(key, value)
+        for name in sorted(means, key=lambda n: int(n.rsplit(".", 1)[1])):
+            writer.add_key_value(name, [float(v) for v in means[name]], gguf.GGUFValueType.ARRAY,
+                                 gguf.GGUFValueType.FLOAT32)
+        for t in reader.tensors:
+            writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for t in reader.tensors:
+            writer.write_tensor_data(t.data)
+    finally:
+        writer.close()
+    tmp.replace(out)
+    return out
+
+
+def carries_calibration(model_ptr: object) -> bool:
+    """Whether a loaded model's file carries its calibration (`embed`)."""
+    import ctypes
+
+    import llama_cpp
+
+    buf = ctypes.create_string_buffer(16)
+    return llama_cpp.llama_model_meta_val_str(model_ptr, b"nsq.calibration.version", buf, len(buf)) >= 0
 
 
 def model_id(model: Path) -> str:
@@ -300,8 +363,11 @@ def cached(model: Path, progress: bool = True) -> Path:
 
 
 def check_fits(calib: Path, model: Path) -> None:
-    """Refuse a calibration that records another model file than `model` (llama.cpp checks the shapes)."""
+    """Refuse a calibration that records another model file than `model` (llama.cpp checks the shapes); the one a
+    model file carries belongs to it."""
     meta, _ = read_gguf(calib)
+    if Path(calib).resolve() == Path(model).resolve():
+        return
     made_for = meta.get("nsq.calibration.model_sha256")
     if made_for is not None and made_for != model_id(model):
         raise ValueError(f"the NSQ calibration file {calib} was made for another model file "
@@ -316,8 +382,9 @@ def resolve(model: Union[str, Path], model_ptr: object, nsq_calib: Union[None, b
     or None for none. llama_cpp.Llama calls it as its NSQ calibration resolver (the entry point
     "llama_cpp.nsq_calib_resolver" in pyproject.toml).
 
-    nsq_calib: False, none; a path, that file; None (or True), the cached default, which is skipped with a warning
-    on a model where centering is not exact (llama.cpp refuses a file given for one).
+    nsq_calib: False, none; a path, that file; None (or True), the default: the calibration the model file carries
+    (`embed`), else the cached one, made on first use; skipped with a warning on a model where centering is not exact
+    (llama.cpp refuses a file given for one).
     """
     if nsq_calib is False:
         return None
@@ -338,6 +405,8 @@ def _default(model: Path, model_ptr: object, type_k: str) -> Optional[Path]:
         print(f"nsq-local: warning: the {type_k} K cache of {model.name} is not centered: {why.decode()}",
               file=sys.stderr)
         return None
+    if carries_calibration(model_ptr):
+        return model
     try:
         return cached(model)
     except HeadSizeError:
@@ -363,7 +432,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-m", "--model", required=True, type=Path, help="GGUF model")
     ap.add_argument("-f", "--file", type=Path, help="calibration text (default: Python's standard-library docs)")
-    ap.add_argument("-o", "--output", type=Path, help="output GGUF (default: MODEL with .nsq.gguf)")
+    ap.add_argument("-o", "--output", type=Path,
+                    help="output GGUF (default: MODEL with .nsq.gguf; with --embed, MODEL-nsq.gguf)")
+    ap.add_argument("--embed", action="store_true",
+                    help="write a copy of the model that carries the calibration in its metadata: llama-server, "
+                         "llama-cli, llama-perplexity and Llama() center its nsq4/nsq3 cache with no flag")
     # the means of the low-frequency RoPE channels drift with the position: windows as long as the contexts the
     # cache will hold fit best (SmolLM2, -c 2048 evaluation: KLD 0.0314 from 1024-token windows, see docs/quality.md)
     ap.add_argument("-c", "--ctx-size", type=int, default=2048, help="tokens per window (default 2048)")
@@ -375,15 +448,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ap.error(f"model file not found: {args.model}")
     if args.file is not None and not args.file.is_file():
         ap.error(f"text file not found: {args.file}")
-    out = args.output or args.model.with_suffix(".nsq.gguf")
+    if args.embed:
+        out = args.output or args.model.with_name(args.model.stem + "-nsq.gguf")
+        if out.resolve() == args.model.resolve():
+            ap.error(f"-o {out} is the model itself: --embed writes a copy, give it another name")
+    else:
+        out = args.output or args.model.with_suffix(".nsq.gguf")
     text = args.file.read_text(encoding="utf-8", errors="replace") if args.file else None
+    calib = out.with_name(out.name + f".calib{os.getpid()}") if args.embed else out
     try:
-        calibrate(args.model, out, text, args.file.name if args.file else "python-stdlib-docs", args.ctx_size,
+        calibrate(args.model, calib, text, args.file.name if args.file else "python-stdlib-docs", args.ctx_size,
                   args.chunks, args.threads)
+        if args.embed:
+            embed(args.model, calib, out)
     except (ValueError, RuntimeError) as e:
         print(f"nsq-calibrate: error: {e}", file=sys.stderr)
         return 2
-    print(f"nsq-calibrate: wrote {out}; use it with --nsq-calib {out} or Llama(..., nsq_calib=...)")
+    finally:
+        if args.embed:
+            calib.unlink(missing_ok=True)
+    if args.embed:
+        print(f"nsq-calibrate: wrote {out}, the model with its calibration: llama.cpp's tools and Llama() center its "
+              "nsq4/nsq3 K cache by it with no flag")
+    else:
+        print(f"nsq-calibrate: wrote {out}; use it with --nsq-calib {out} or Llama(..., nsq_calib=...)")
     return 0
 
 

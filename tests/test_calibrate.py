@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import kld, perplexity
+from helpers import kld, perplexity, run
 from nsq_local import calibrate
 from nsq_local._common import scoped_env
 
@@ -281,6 +281,73 @@ print("done")
     assert proc.returncode == 0 and proc.stdout.strip() == "done", proc.stderr[-3000:]
     said = [line for line in proc.stderr.splitlines() if "no NSQ calibration resolver is registered" in line]
     assert len(said) == 1 and "so the nsq3 K cache is not centered" in said[0], proc.stderr[-3000:]
+
+
+def _short_ppl(tool, model: Path, text: Path, *extra) -> tuple[str, str]:
+    """llama-perplexity's final estimate, as printed, over one 256-token window with an nsq4 cache, and its log."""
+    out = run([tool("llama-perplexity"), "-m", model, "-f", text, "-c", 256, "--chunks", 1, "-fa", "on", "-ctk",
+               "nsq4", "-ctv", "nsq4", "-t", os.cpu_count() or 2, "-lv", 4, *extra])
+    m = re.search(r"Final estimate: PPL = ([0-9.]+ \+/- [0-9.]+)", out)
+    assert m, out[-2000:]
+    return m.group(1), out
+
+
+def test_a_model_file_that_carries_its_calibration_is_centered_by_default(tool, smollm2, wikitext, calib, tmp_path,
+                                                                          capfd):
+    """calibrate.embed writes a copy of the model with the calibration in its metadata (the same means and keys, the
+    tensors untouched). llama-perplexity centers its nsq4 cache by it with no flag, to the figure of the same
+    calibration given as a file; `--nsq-calib none` turns it off (another figure: the control); Llama() takes it
+    with no calibration made; an explicit file still wins."""
+    import gguf
+    import llama_cpp
+
+    embedded = calibrate.embed(smollm2, calib, tmp_path / "smollm2-nsq.gguf")
+    (meta, means), (meta0, means0) = calibrate.read_gguf(embedded), calibrate.read_gguf(calib)
+    assert meta == meta0 and sorted(means) == sorted(means0)
+    assert all(np.array_equal(means[k], means0[k]) for k in means)
+    plain, carrying = gguf.GGUFReader(str(smollm2)), gguf.GGUFReader(str(embedded))
+    assert [(t.name, t.tensor_type) for t in plain.tensors] == [(t.name, t.tensor_type) for t in carrying.tensors]
+    assert all(np.array_equal(a.data, b.data) for a, b in zip(plain.tensors, carrying.tensors))
+
+    given, _ = _short_ppl(tool, smollm2, wikitext, "--nsq-calib", calib)
+    own, log = _short_ppl(tool, embedded, wikitext)
+    assert f"nsq4: K centered by the calibrated means of 30 layers from {embedded}" in log
+    assert own == given
+    off, log = _short_ppl(tool, embedded, wikitext, "--nsq-calib", "none")
+    assert "nsq4: K not centered" in log and off != own
+
+    def mean_ids(llm) -> list[int]:
+        return [llama_cpp.llama_kv_layer_k_mean_id(llm.ctx, il) for il in range(30)]
+
+    kw = dict(n_ctx=64, type_k="nsq4", type_v="nsq4", verbose=False)
+    llm = llama_cpp.Llama(model_path=str(smollm2), nsq_calib=calib, **kw)
+    from_file = mean_ids(llm)
+    capfd.readouterr()
+    llm = llama_cpp.Llama(model_path=str(embedded), **kw)
+    assert llm.nsq_calib == embedded and mean_ids(llm) == from_file
+    assert "calibrating" not in capfd.readouterr().err
+    other = write_means(tmp_path / "other.gguf", [m * 1.5 for m in (means[f"nsq.k_mean.{il}"] for il in range(30))])
+    llm = llama_cpp.Llama(model_path=str(embedded), nsq_calib=other, **kw)
+    assert llm.nsq_calib == other and all(mean_ids(llm)) and mean_ids(llm) != from_file
+    assert not any(mean_ids(llama_cpp.Llama(model_path=str(embedded), nsq_calib=False, **kw)))
+
+
+def test_nsq_calibrate_embed_writes_a_model_that_centers_itself(tiny_models, empty_cache, tmp_path, capfd):
+    """`nsq-calibrate --embed` end to end on a tiny model: the copy it writes is centered by Llama() with nothing in
+    the cache folder; writing over the model itself is refused."""
+    import llama_cpp
+
+    model = tiny_models["llama"]
+    out = tmp_path / "llama-nsq.gguf"
+    assert calibrate.main(["-m", str(model), "--embed", "-o", str(out), "-c", "256"]) == 0
+    assert f"wrote {out}, the model with its calibration" in capfd.readouterr().out
+    assert not list(tmp_path.glob("*.calib*")) and not list(tmp_path.glob("*.tmp*"))
+    llm = llama_cpp.Llama(model_path=str(out), n_ctx=64, type_k="nsq3", type_v="nsq3", verbose=False)
+    assert llm.nsq_calib == out and llama_cpp.llama_kv_layer_k_mean_id(llm.ctx, 0)
+    assert not (empty_cache / "calibration").exists() or not list((empty_cache / "calibration").iterdir())
+    with pytest.raises(SystemExit):
+        calibrate.main(["-m", str(model), "--embed", "-o", str(model)])
+    assert "is the model itself" in capfd.readouterr().err
 
 
 def test_the_environment_no_longer_calibrates(smollm2, calib, tmp_path, monkeypatch):
