@@ -27,7 +27,7 @@ for k in $(seq 1 ${#patches[@]}); do
             -DGGML_RPC=ON -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF > "$work/configure.log"
     fi
     cmake --build "$build" -j "$jobs" --target ggml llama test-quantize-fns test-backend-ops llama-perplexity \
-        llama-bench llama-cli ggml-rpc-server > "$work/build.log" 2>&1 || { tail -40 "$work/build.log"; exit 1; }
+        llama-bench ggml-rpc-server > "$work/build.log" 2>&1 || { tail -40 "$work/build.log"; exit 1; }
     python3 -m compileall -q "$tree/llama_cpp" > /dev/null
     echo "   applies and builds"
 done

@@ -10,7 +10,10 @@ for c in $(git -C "$tree" rev-list --reverse "$base"..HEAD); do
     name=$(git -C "$tree" log -1 --format=%s "$c")
     case $name in *.patch) ;; *) echo "commit $c: subject '$name' is not a patch file name" >&2; exit 1;; esac
     body=$(git -C "$tree" log -1 --format=%b "$c")
-    case $body in Description:*) ;; *) echo "commit $c ($name): its message has no header (Description: ...)" >&2; exit 1;; esac
+    case $body in
+        Description:*) ;;
+        *) echo "commit $c ($name): its message has no header (Description: ...)" >&2; exit 1;;
+    esac
     { printf '%s\n\n' "$body"; git -C "$tree" diff -U3 --no-color "$c~1" "$c"; } > "$here/$name"
     echo "wrote ggml_patch/$name"
 done

@@ -147,9 +147,9 @@ def read_gguf(path: Path) -> tuple[dict[str, str], dict[str, npt.NDArray[np.floa
     field = reader.fields.get("nsq.calibration.version")
     version = field.contents() if field is not None else None
     if version != FORMAT_VERSION:
-        raise ValueError(f"the NSQ calibration file {path} is "
-                         + (f"of format version {version}" if version is not None else "of an older format (no version)")
-                         + f", this build reads version {FORMAT_VERSION}: make it again with `nsq-calibrate -m MODEL`")
+        found = f"of format version {version}" if version is not None else "of an older format (no version)"
+        raise ValueError(f"the NSQ calibration file {path} is {found}, this build reads version {FORMAT_VERSION}: "
+                         "make it again with `nsq-calibrate -m MODEL`")
     meta = {name: field.contents() for name, field in reader.fields.items()
             if name.startswith("nsq.") and isinstance(field.contents(), str)}
     return meta, means
@@ -189,8 +189,11 @@ def embed(model: Path, calib: Path, out: Path) -> Path:
         writer.write_ti_data_to_file()
         for t in reader.tensors:
             writer.write_tensor_data(t.data)
-    finally:
         writer.close()
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
     tmp.replace(out)
     return out
 
@@ -221,8 +224,8 @@ def model_id(model: Path) -> str:
     return digest
 
 
-# Per-layer precision (the llama-nsq-calibration patch): the few layers whose nsq4 keys harm attention far
-# more than the model's other layers' are stored in a wider type, named in the calibration file as "nsq.nsq4.k_type.<layer>".
+# Per-layer precision (the llama-nsq-calibration patch): the few layers whose nsq4 keys harm attention far more than
+# the model's other layers' are stored in a wider type, named in the calibration file as "nsq.nsq4.k_type.<layer>".
 LAYER_BITS_BUDGET = 4.5  # the average bits per K+V value that wider layers may bring an nsq4 cache to (q4_0's)
 LAYER_OUTLIER = 10.0  # a layer is an outlier when its attention KL is this many times the median layer's
 LAYER_TYPES = ("q8_0", "f16")  # by cost: an outlier gets the cheapest that brings it to the median layer's KL

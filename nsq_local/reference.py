@@ -1,5 +1,6 @@
 """NSQ4 and NSQ3 in numpy, bit-exact with ggml's `quantize_row_nsq4_ref` / `dequantize_row_nsq4` and
-`quantize_row_nsq3_ref` / `dequantize_row_nsq3` (the ggml-nsq-types-and-cpu-reference patch). NSQ4 is below; NSQ3 differs in its codes and its d, see `quantize_nsq3`.
+`quantize_row_nsq3_ref` / `dequantize_row_nsq3` (the ggml-nsq-types-and-cpu-reference patch). NSQ4 is below; NSQ3
+differs in its codes and its d, see `quantize_nsq3`.
 
 Format (version 1): blocks of 64 values, each `{ fp16 d; uint8 qs[32] }` = 34 bytes = 4.25 bits/value.
 Value j of a block is `d * KVALUES[code_j]`; byte `qs[j]` holds code j in its low nibble and code j+32 in its high.

@@ -245,13 +245,12 @@ def test_calibration_of_an_older_format_is_refused_with_how_to_remake_it(smollm2
     for name, version, why in (("old.gguf", None, "of an older format (no version)"),
                                ("v4.gguf", 4, "of format version 4")):
         path = write(name, version)
-        with pytest.raises(ValueError, match=re.escape(f"{path} is {why}, this build reads version "
-                                                       f"{calibrate.FORMAT_VERSION}: make it again with `nsq-calibrate")):
+        said = f"is {why}, this build reads version {calibrate.FORMAT_VERSION}: make it again with `nsq-calibrate"
+        with pytest.raises(ValueError, match=re.escape(f"{path} {said}")):
             llama_cpp.Llama(**kw, nsq_calib=path)
         llama_cpp.set_nsq_calib_resolver(None)
         try:
-            with pytest.raises(ValueError, match=re.escape(f"'{path}' is {why}, this build reads version "
-                                                           f"{calibrate.FORMAT_VERSION}: make it again with `nsq-calibrate")):
+            with pytest.raises(ValueError, match=re.escape(f"'{path}' {said}")):
                 llama_cpp.Llama(**kw, nsq_calib=path)
         finally:
             llama_cpp.set_nsq_calib_resolver(resolver)
@@ -567,8 +566,9 @@ def test_tools_refuse_a_calibration_where_centering_is_not_exact(tool, tiny_mode
 
 
 def test_per_layer_types_from_the_calibration(smollm2, wikitext, calib, tmp_path, capfd):
-    """nsq.nsq4.k_type.<layer> / nsq.nsq4.v_type.<layer> in a calibration store those layers in that type: every layer in
-    q8_0 gives a plain q8_0 cache's logits bit for bit; one f16 K layer changes them and is counted in the size log."""
+    """nsq.nsq4.k_type.<layer> / nsq.nsq4.v_type.<layer> in a calibration store those layers in that type: every
+    layer in q8_0 gives a plain q8_0 cache's logits bit for bit; one f16 K layer changes them and is counted in the
+    size log."""
     import llama_cpp
 
     means = list(calibrate.read_gguf(calib)[1].values())

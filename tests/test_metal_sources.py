@@ -1,6 +1,6 @@
-"""The ggml-metal-nsq patch leaves upstream's Metal libraries as they were: the Metal code of
-NSQ4 and NSQ3 is compiled only into the NSQ types' own libraries (nsq, fa_nsq, fa_vec_nsq), so that a compile error in it
-costs a Mac the NSQ types (their ops run on the CPU), never the Metal backend.
+"""The ggml-metal-nsq patch leaves upstream's Metal libraries as they were: the Metal code of NSQ4 and NSQ3 is
+compiled only into the NSQ types' own libraries (nsq, fa_nsq, fa_vec_nsq), so that a compile error in it costs a Mac
+the NSQ types (their ops run on the CPU), never the Metal backend.
 
 Nothing here compiles Metal. For every upstream library, the source the Metal compiler is given is rebuilt in Python
 from the pristine sdist and from the patched tree, as CMake's embed step writes it (GGML_METAL_EMBED_LIBRARY, which
@@ -216,8 +216,8 @@ def test_ggml_common_h_declares_nsq4_to_nsq4s_libraries_only(pristine, patched, 
 
 
 def test_only_the_nsq_libraries_are_compiled_with_ggml_metal_nsq(patched):
-    """The macro reaches the NSQ types' three libraries and no other: at run time (ggml_metal_library_compile_all, embedded
-    and source paths) and in default.metallib's build-time compile (GGML_METAL_EMBED_LIBRARY=OFF)."""
+    """The macro reaches the NSQ types' three libraries and no other: at run time (ggml_metal_library_compile_all,
+    embedded and source paths) and in default.metallib's build-time compile (GGML_METAL_EMBED_LIBRARY=OFF)."""
     device = patched["ggml-metal/ggml-metal-device.m"]
     (body,) = re.findall(r"static bool ggml_metal_lib_is_nsq\(int kind\) \{(.*?)\n\}", device, re.S)
     assert set(re.findall(r"GGML_METAL_LIB_(\w+)", body)) == {"NSQ", "FA_NSQ", "FA_VEC_NSQ"}
