@@ -6,7 +6,7 @@
 # no later patch touches their files, so tests/test_cuda.py and tests/test_metal_shim.py, which check the full
 # tree's CUDA and Metal sources, check those prefixes' too.
 #
-#   ggml_patch/check_prefixes.sh [WORK_DIR]      # default: build/prefixes; about 40 minutes on 2 cores
+#   ggml_patch/check_prefixes.sh [WORK_DIR]      # default: build/prefixes; 23 minutes on 2 cores (2026-12-07)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 work=$(realpath -m "${1:-$here/../build/prefixes}")
