@@ -394,11 +394,12 @@ def test_head_size_error_in_nsq_chat(head80_model, cache):
     assert rc == 2 and len(errors) == 1 and head80_error(cache) in errors[0], errors
 
 
-def test_calibration_refuses_a_head_size_nsq4_cannot_hold(head80_model):
-    """Found before any window runs: calibrating is for an nsq4 K cache, which this model cannot have."""
+def test_calibration_refuses_a_head_size_the_nsq_types_cannot_hold(head80_model):
+    """Found before any window runs: calibrating is for an nsq4 or nsq3 K cache, which this model cannot have."""
     from nsq_local import calibrate
 
-    with pytest.raises(calibrate.HeadSizeError, match="K head size 80, not a multiple of NSQ4's 64-value block"):
+    with pytest.raises(calibrate.HeadSizeError,
+                       match="K head size 80, not a multiple of the NSQ types' 64-value block: an nsq4 or nsq3 K cache"):
         calibrate.k_means(head80_model, "a text long enough to calibrate from " * 200, n_ctx=128, progress=False)
 
 
