@@ -218,10 +218,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with capture.Model(model, verbose=args.verbose) as m:
             # bytes, then decode: no newline translation, the text llama.cpp tools read
             tokens = m.tokenize(text.read_bytes().decode("utf-8", errors="replace"))
-            calib = None
-            if any(t in NSQ_TYPES for t in types):
-                calib = calibrate.resolve(model, m.ptr, nsq_calib_arg(args.nsq_calib),
-                                          next(t for t in types if t in NSQ_TYPES))
+            nsq = next((t for t in types if t in NSQ_TYPES), None)
+            calib = calibrate.resolve(model, m.ptr, nsq_calib_arg(args.nsq_calib), nsq) if nsq else None
         if len(tokens) < args.ctx_size:
             raise UsageError(f"the text has {len(tokens)} tokens, fewer than -c {args.ctx_size}")
         t0 = time.perf_counter()
