@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # A first install, exactly as README.md tells it, where nothing is warm: a fresh copy of this checkout (no build/
 # folder), a fresh virtual environment and an empty sdist cache ($NSQ_CACHE_DIR). Once with `python3 -m venv` and
-# pip, once with `uv venv` and `uv pip`; each builds nsq-local from scratch (about 4 minutes on 2 cores) and then
-# asks nsq-chat one question. It catches what CI's warm build folder and cache hide, such as a configure step that
-# needs something the isolated build environment lacks.
+# pip, once with `uv venv` and `uv pip`; each builds nsq-local from scratch (about 8 minutes on 2 cores), asks
+# nsq-chat one question and llama-server another (tests/serve_check.py). It catches what CI's warm build folder and
+# cache hide, such as a configure step that needs something the isolated build environment lacks.
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 
@@ -47,12 +47,17 @@ fresh_install() {
             { echo "nsq-chat failed (exit $?)" > "$dir/why"; exit 1; }
         [[ -n $(tr -d '[:space:]' < "$dir/answer.txt") ]] ||
             { echo "nsq-chat exited 0 but printed no answer" > "$dir/why"; exit 1; }
+        # README's serving line: llama.cpp's own server from the same install, on a copy of the model that carries
+        # its calibration, answers and centers its nsq4 K cache with no flag
+        timeout 900 python "$ROOT/tests/serve_check.py" "$dir/model-nsq.gguf" > "$dir/server.txt" 2>&1 ||
+            { echo "llama-server check failed: $(tail -n 3 "$dir/server.txt" | tr '\n' ' ')" > "$dir/why"; exit 1; }
     )
     if [[ $? -eq 0 ]]; then
         local built answer
         built=$(cat "$dir/install_s")
         answer=$(tr '\n' ' ' < "$dir/answer.txt" | cut -c1-100)
-        results+=("PASS: $name: install ${built} s, nsq-chat $((SECONDS - start - built)) s, answer: $answer")
+        results+=("PASS: $name: install ${built} s, nsq-chat and llama-server $((SECONDS - start - built)) s," \
+                  "answer: $answer; $(tail -n 1 "$dir/server.txt")")
     else
         results+=("FAIL: $name: $(cat "$dir/why" 2>/dev/null || echo 'see above'), after $((SECONDS - start)) s")
     fi

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -109,3 +110,34 @@ def test_cpu_bench_tabulates_every_type(tool, smollm2, upstream_tree, tmp_path):
     attn = report["attention_us"]
     assert len(attn) == 3 and all(set(by_type) == {"f16", "q4_0", "nsq4", "nsq3"} for by_type in attn.values()), attn
     assert min(us for by_type in attn.values() for us in by_type.values()) > 0
+
+
+def test_the_install_puts_llama_cpp_programs_on_path(tool, smollm2, wikitext, nsq_calib):
+    """`pip install .` installs llama-server, llama-cli and llama-perplexity (NSQ_LLAMA_TOOLS, on by default) into
+    the environment's scripts folder, built from the same patched tree as these tools: the installed
+    llama-perplexity gives the tools' PPL to the last digit with a centered nsq4 cache."""
+    scripts = Path(sysconfig.get_path("scripts"))
+    for name in ("llama-server", "llama-cli"):
+        out = run([scripts / name, "--version"])
+        assert "version:" in out, out[-1000:]
+
+    def installed(name):
+        return scripts / name
+
+    extra = ("--nsq-calib", nsq_calib, "-c", 256, "--chunks", 1)
+    ppl_installed, log = perplexity(installed, smollm2, wikitext, "nsq4", extra=extra)
+    assert f"nsq4: K centered by the calibrated means of 30 layers from {nsq_calib}" in log
+    ppl_tools, _ = perplexity(tool, smollm2, wikitext, "nsq4", extra=extra)
+    print(f"SmolLM2 -c 256 nsq4 centered: installed llama-perplexity PPL {ppl_installed}, build/tools {ppl_tools}")
+    assert ppl_installed == ppl_tools
+
+
+def test_a_program_left_out_of_the_install_says_how_to_get_it(monkeypatch, tmp_path):
+    from nsq_local import llama_tools
+
+    monkeypatch.setattr(llama_tools, "program", lambda name: tmp_path / name)
+    with pytest.raises(SystemExit) as e:
+        llama_tools.server()
+    assert str(e.value) == (f"llama-server: not installed with this nsq-local ({tmp_path / 'llama-server'} is "
+                            "missing): it was built with NSQ_LLAMA_TOOLS=OFF; reinstall without that option "
+                            "(pip install .) to get llama-server")
