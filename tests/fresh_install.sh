@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A first install, exactly as README.md tells it, where nothing is warm: a fresh copy of this checkout (no build/
 # folder), a fresh virtual environment and an empty sdist cache ($NSQ_CACHE_DIR). Once with `python3 -m venv` and
-# pip, once with `uv venv` and `uv pip`; each builds nsq-local from scratch (about 8 minutes on 2 cores), asks
+# pip, once with `uv venv` and `uv pip`; each builds nsq-local from scratch (about 7 minutes on 2 cores), asks
 # nsq-chat one question and llama-server another (tests/serve_check.py). It catches what CI's warm build folder and
 # cache hide, such as a configure step that needs something the isolated build environment lacks.
 set -uo pipefail
@@ -53,11 +53,12 @@ fresh_install() {
             { echo "llama-server check failed: $(tail -n 3 "$dir/server.txt" | tr '\n' ' ')" > "$dir/why"; exit 1; }
     )
     if [[ $? -eq 0 ]]; then
-        local built answer
+        local built answer served
         built=$(cat "$dir/install_s")
         answer=$(tr '\n' ' ' < "$dir/answer.txt" | cut -c1-100)
-        results+=("PASS: $name: install ${built} s, nsq-chat and llama-server $((SECONDS - start - built)) s," \
-                  "answer: $answer; $(tail -n 1 "$dir/server.txt")")
+        served=$(tail -n 1 "$dir/server.txt")
+        results+=("PASS: $name: install ${built} s, nsq-chat and llama-server $((SECONDS - start - built)) s,$(
+                  ) answer: $answer; $served")
     else
         results+=("FAIL: $name: $(cat "$dir/why" 2>/dev/null || echo 'see above'), after $((SECONDS - start)) s")
     fi
