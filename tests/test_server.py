@@ -251,36 +251,27 @@ def test_bad_requests_get_clear_errors_and_the_others_are_served(served, wikitex
     assert server.alive()
 
 
-# A prefix cached in a slot may have been computed in a batch of another size than the same tokens of a fresh prompt,
-# and a batch of 64 rows or more takes ggml's tiled flash-attention path, which rounds differently from the one-chunk
-# path of smaller batches; a 4-bit cache can round such a difference to another code. With the default -ub 512 one
-# of these conversations (boiling point) parts from its fresh answer at token 13, where the fresh run's two likeliest
-# were 0.60 nats apart and the reused run's 1.28 (f16 and q4_0 kept the same text; docs/serving.md). The test server
-# runs -ub 32, so that every batch takes the one-chunk path and what is compared is the reuse, not the two paths;
-# the answers may still part at a close call, a pair of likeliest tokens this near.
-CLOSE_CALL_NATS = 1.0
-
-
-def same_greedy_answer(reused: list, fresh: list) -> str:
-    """Whether two greedy answers (each token with its two likeliest) are the same text, token for token, or part
-    only at a close call: both runs' two likeliest tokens the same pair, less than CLOSE_CALL_NATS apart. An empty
-    string when they agree, else where and how they part."""
+# A prefix cached in a slot may have been computed in a batch of another size than the same tokens of a fresh prompt.
+# Flash attention over an NSQ cache gives a query row the same bits in any batch (0008), so a reused slot and a fresh
+# prompt must give the same tokens with the same log-probabilities. Before that, upstream's tiled path for batches of
+# 64 rows and more rounded differently from its one-chunk path, a 4-bit cache rounded such differences to other
+# codes, and at llama-server's default -ub 512 one of these conversations (boiling point) parted from its fresh answer
+# at token 13 (docs/serving.md).
+def greedy_difference(reused: list, fresh: list) -> str:
+    """Where two greedy answers (tokens with their log-probabilities) first differ; an empty string if nowhere."""
     for i, (a, b) in enumerate(zip(reused, fresh)):
-        if a.token != b.token:
-            gaps = [abs(t.top_logprobs[0].logprob - t.top_logprobs[1].logprob) for t in (a, b)]
-            tops = [{x.token for x in t.top_logprobs[:2]} for t in (a, b)]
-            if max(gaps) < CLOSE_CALL_NATS and tops[0] == tops[1]:
-                return ""
-            return f"token {i}: {a.token!r} against {b.token!r}, top-2 gaps {gaps}"
+        if (a.token, a.logprob) != (b.token, b.logprob):
+            return f"token {i}: {a.token!r} ({a.logprob}) against {b.token!r} ({b.logprob})"
     return "" if len(reused) == len(fresh) else "lengths differ"
 
 
 def test_reused_slot_answers_as_a_fresh_one(tool, smollm2, nsq_calib, tmp_path):
-    """One slot, nsq4 (-ub 32, see CLOSE_CALL_NATS): a conversation's follow-up reuses the slot's cached prefix (the
-    server reports the cached tokens) and gives the same greedy answer as the same prompt evaluated from scratch in
-    that slot; so do other conversations that share only the chat template's start with the slot's last one."""
+    """One slot, nsq4, llama-server's default batch sizes: a conversation's follow-up reuses the slot's cached prefix
+    (the server reports the cached tokens) and gives the same greedy answer, log-probabilities included, as the same
+    prompt evaluated from scratch in that slot; so do other conversations that share only the chat template's start
+    with the slot's last one."""
     server = llama_server(tool, smollm2, "nsq4", tmp_path / "llama-server.log", slots=1, slot_ctx=2048,
-                          extra=("--nsq-calib", nsq_calib, "-ub", 32))
+                          extra=("--nsq-calib", nsq_calib))
     try:
         client = server.client()
 
@@ -300,7 +291,7 @@ def test_reused_slot_answers_as_a_fresh_one(tool, smollm2, nsq_calib, tmp_path):
         assert cached > 10, "the follow-up should reuse the first turn from the slot"
         fresh, fresh_lp, cached_fresh = chat(follow_up, cache_prompt=False)
         assert cached_fresh == 0
-        assert not same_greedy_answer(reused_lp, fresh_lp), (same_greedy_answer(reused_lp, fresh_lp), reused, fresh)
+        assert not greedy_difference(reused_lp, fresh_lp), (greedy_difference(reused_lp, fresh_lp), reused, fresh)
 
         results = []
         for question in ["What is the boiling point of water at sea level?", "Who wrote Romeo and Juliet?",
@@ -310,10 +301,10 @@ def test_reused_slot_answers_as_a_fresh_one(tool, smollm2, nsq_calib, tmp_path):
             reused_other, reused_other_lp, cached_other = chat(other)
             assert 0 < cached_other < 40, "only the chat template's start is shared"
             fresh_other, fresh_other_lp, _ = chat(other, cache_prompt=False)
-            why = same_greedy_answer(reused_other_lp, fresh_other_lp)
+            why = greedy_difference(reused_other_lp, fresh_other_lp)
             assert not why, (why, reused_other, fresh_other)
-            results.append((reused_other == fresh_other, reused_other))
-        print({"follow-up": (reused == fresh, reused), "cached": cached, "others (identical, text)": results})
+            results.append(reused_other)
+        print({"follow-up": reused, "cached": cached, "others": results})
     finally:
         server.stop()
 

@@ -183,23 +183,24 @@ def test_aarch64_quantize_fns(aarch64_check):
     assert "nsq4" in r.stdout
 
 
-# Flash attention over an NSQ4 or NSQ3 cache, per CPU path: (DK, DV, query rows, KV cells, heads, KV heads, softcap,
-# threads). A grouped-query decode (one query row) takes the split-KV path at any cache length (each thread an even
-# share of the live cells, merged after); without grouped heads a decode splits from 512 cells on, as f16 does, and
-# takes one_chunk below; 64+ query rows take the tiled path. GQA shapes check the query-to-KV head map.
+# Flash attention over an NSQ4 or NSQ3 cache: (DK, DV, query rows, KV cells, heads, KV heads, softcap, threads).
+# Every batch takes one path (ops.cpp): cells in chunks of 256, each in tiles of 64; up to 64 query rows per KV head
+# (a decode) share the chunks out between threads and merge after, more take tiles of 64 rows; tiles of up to 8 rows
+# accumulate V with the heads kernel, larger ones with a GEMM. GQA shapes check the query-to-KV head map.
 # check_fattn masks about a third of the cells. K and V of each type, and NSQ3 caches' mixes (K in NSQ4 where
 # per-layer precision keeps it there, or by choice), take the same paths.
 FATTN_CASES = {
-    "split-gqa4-d256": (256, 256, 1, 2048, 4, 1, 0.0, 2),
-    "split-gqa3-d64-3threads": (64, 64, 1, 2048, 9, 3, 0.0, 3),
-    "split-mha-d64": (64, 64, 1, 2048, 2, 2, 0.0, 2),
-    "split-gqa4-softcap": (128, 128, 1, 2048, 8, 2, 30.0, 2),
+    "decode-gqa4-d256": (256, 256, 1, 2048, 4, 1, 0.0, 2),
+    "decode-gqa3-d64-3threads": (64, 64, 1, 2048, 9, 3, 0.0, 3),
+    "decode-mha-d64": (64, 64, 1, 2048, 2, 2, 0.0, 2),
+    "decode-gqa4-softcap": (128, 128, 1, 2048, 8, 2, 30.0, 2),
     "window-gqa4-d256": (256, 256, 1, 1024, 4, 1, 0.0, 2),
     "short-gqa2-d64": (64, 64, 1, 256, 4, 2, 0.0, 2),
-    # fewer live cells than threads: a thread with none writes an empty partial
+    # fewer chunks than threads: a thread with none
     "tiny-gqa4-3threads": (64, 64, 1, 4, 4, 1, 0.0, 3),
-    "one-chunk-mha-d64": (64, 64, 1, 256, 4, 4, 0.0, 2),
-    "tiled-d64": (64, 64, 80, 512, 4, 2, 0.0, 2),
+    "rows-mha-d64": (64, 64, 3, 256, 4, 4, 0.0, 2),
+    "prefill-d64": (64, 64, 80, 512, 4, 2, 0.0, 2),
+    "prefill-gqa4-d128-softcap": (128, 128, 20, 700, 8, 2, 30.0, 3),
 }
 
 
@@ -221,7 +222,8 @@ def attention_f64(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray,
 KV_PAIRS = ["nsq4/nsq4", "nsq3/nsq3", "nsq4/nsq3", "nsq3/nsq4"]
 
 
-def check_fattn(cmd: list[str], tmp_path: Path, case: str, kv: str = "nsq4/nsq4") -> None:
+def fattn_inputs(case: str, kv: str):
+    """q, K and V (quantized to the kv pair's types), the mask and the scale of a FATTN_CASES case."""
     dk, dv, n_q, n_kv, n_head, n_head_kv, softcap, threads = FATTN_CASES[case]
     rng = np.random.default_rng(len(case))
     # keys with a shared offset and two outlier channels, as real K caches have; queries strong enough that the
@@ -236,25 +238,55 @@ def check_fattn(cmd: list[str], tmp_path: Path, case: str, kv: str = "nsq4/nsq4"
     mask[:, n_kv // 8: n_kv // 4] = -np.inf
     mask[np.arange(n_q)[:, None] < np.arange(n_kv)[None, :] - (n_kv - n_q)] = -np.inf
     mask[:, n_kv - n_q] = 0.0
-    scale = 1 / np.sqrt(dk)
-
     ktype, vtype = kv.split("/")
-    qk, qv = KV_TYPES[ktype].quantize(k.reshape(-1)), KV_TYPES[vtype].quantize(v.reshape(-1))
-    (tmp_path / "q.f32").write_bytes(q.tobytes())
+    return q, KV_TYPES[ktype].quantize(k.reshape(-1)), KV_TYPES[vtype].quantize(v.reshape(-1)), mask, 1 / np.sqrt(dk)
+
+
+def run_fattn(cmd: list[str], tmp_path: Path, case: str, kv: str, q: np.ndarray, qk: np.ndarray, qv: np.ndarray,
+              mask: np.ndarray, scale: float, threads: int) -> np.ndarray:
+    """nsq4_fattn on the query rows in q (heads, rows, DK) with their mask rows: (rows, heads, DV)."""
+    dk, dv, _, n_kv, n_head, n_head_kv, softcap, _ = FATTN_CASES[case]
+    (tmp_path / "q.f32").write_bytes(np.ascontiguousarray(q).tobytes())
     (tmp_path / "k.bin").write_bytes(qk.tobytes())
     (tmp_path / "v.bin").write_bytes(qv.tobytes())
-    (tmp_path / "mask.f32").write_bytes(mask.tobytes())
+    (tmp_path / "mask.f32").write_bytes(np.ascontiguousarray(mask).tobytes())
+    n_q = q.shape[1]
     run_logged([*cmd, str(tmp_path), *map(str, (dk, dv, n_q, n_kv, n_head, n_head_kv, scale, softcap, threads)),
-                ktype, vtype], tmp_path / "run.log")
-    got = np.fromfile(tmp_path / "out.f32", dtype=np.float32).reshape(n_q, n_head, dv)
+                *kv.split("/")], tmp_path / "run.log")
+    return np.fromfile(tmp_path / "out.f32", dtype=np.float32).reshape(n_q, n_head, dv)
 
-    kd = KV_TYPES[ktype].dequantize(qk).reshape(k.shape).astype(np.float64)
-    vd = KV_TYPES[vtype].dequantize(qv).reshape(v.shape).astype(np.float64)
+
+def check_fattn(cmd: list[str], tmp_path: Path, case: str, kv: str = "nsq4/nsq4") -> None:
+    softcap, threads = FATTN_CASES[case][6:]
+    q, qk, qv, mask, scale = fattn_inputs(case, kv)
+    got = run_fattn(cmd, tmp_path, case, kv, q, qk, qv, mask, scale, threads)
+
+    ktype, vtype = kv.split("/")
+    n_head_kv = FATTN_CASES[case][5]
+    kd = KV_TYPES[ktype].dequantize(qk).reshape(n_head_kv, -1, q.shape[2]).astype(np.float64)
+    vd = KV_TYPES[vtype].dequantize(qv).reshape(n_head_kv, kd.shape[1], -1).astype(np.float64)
     want = attention_f64(q.astype(np.float64), kd, vd, mask.astype(np.float64), float(np.float32(scale)), softcap)
     # float32 logits, softmax and accumulation over the cells: errors of at most ~1e-6 of V's largest value; a
     # wrong row, head or mask would miss by about V's size
     err = np.abs(got.astype(np.float64) - want).max()
     assert err < 2e-5 * np.abs(vd).max(), f"max error {err:.3g} (V up to {np.abs(vd).max():.3g})"
+
+
+def check_batch_invariance(cmd: list[str], tmp_path: Path, case: str, kv: str) -> None:
+    """Each query row's result is the same to the bit alone (a decode, on one thread), with a few other rows (on
+    three threads) and in the whole batch: a 3- or 4-bit cache turns a last-bit difference in one layer's attention
+    into other codes in the next layer's K, so prefill and decode must not differ at all (docs/quality.md)."""
+    q, qk, qv, mask, scale = fattn_inputs(case, kv)
+    n_q = q.shape[1]
+    whole = run_fattn(cmd, tmp_path, case, kv, q, qk, qv, mask, scale, FATTN_CASES[case][7])
+    parts = [(range(i, i + 1), 1) for i in (0, n_q // 2, n_q - 1)] + [(range(n_q // 3, min(n_q, n_q // 3 + 3)), 3)]
+    for rows, threads in parts:
+        sel = list(rows)
+        got = run_fattn(cmd, tmp_path, case, kv, q[:, sel], qk, qv, mask[sel], scale, threads)
+        differ = got.view(np.uint32) != whole[sel].view(np.uint32)
+        assert not differ.any(), (f"rows {sel[0]}..{sel[-1]} on {threads} thread(s) differ from the batch in "
+                                  f"{differ.sum()} of {differ.size} values, by up to "
+                                  f"{np.abs(got - whole[sel]).max():.3g}")
 
 
 @pytest.mark.parametrize("kv", KV_PAIRS)
@@ -276,6 +308,31 @@ def test_avx512_flash_attention(avx512_check, tmp_path, case, kv):
 
 
 @pytest.mark.parametrize("kv", KV_PAIRS)
-@pytest.mark.parametrize("case", ["split-gqa4-d256", "short-gqa2-d64", "one-chunk-mha-d64", "tiled-d64"])
+@pytest.mark.parametrize("case", ["decode-gqa4-d256", "short-gqa2-d64", "rows-mha-d64", "prefill-d64"])
 def test_aarch64_flash_attention(aarch64_check, tmp_path, case, kv):
     check_fattn(fattn_cmd(aarch64_check), tmp_path, case, kv)
+
+
+# batches of rows in tiles of 64, some of up to 8 rows (V by the heads kernel), over partial chunks and tiles
+INVARIANCE_CASES = ["prefill-d64", "prefill-gqa4-d128-softcap", "rows-mha-d64"]
+
+
+@pytest.mark.parametrize("kv", KV_PAIRS[:3])
+@pytest.mark.parametrize("case", INVARIANCE_CASES)
+def test_native_flash_attention_batch_invariant(native_check, tmp_path, case, kv):
+    check_batch_invariance(fattn_cmd(native_check), tmp_path, case, kv)
+
+
+@pytest.mark.parametrize("case", INVARIANCE_CASES)
+def test_generic_flash_attention_batch_invariant(generic_check, tmp_path, case):
+    check_batch_invariance(fattn_cmd(generic_check), tmp_path, case, "nsq4/nsq3")
+
+
+@pytest.mark.parametrize("case", INVARIANCE_CASES)
+def test_avx512_flash_attention_batch_invariant(avx512_check, tmp_path, case):
+    check_batch_invariance(fattn_cmd(avx512_check), tmp_path, case, "nsq4/nsq3")
+
+
+@pytest.mark.parametrize("case", ["prefill-gqa4-d128-softcap"])
+def test_aarch64_flash_attention_batch_invariant(aarch64_check, tmp_path, case):
+    check_batch_invariance(fattn_cmd(aarch64_check), tmp_path, case, "nsq4/nsq3")

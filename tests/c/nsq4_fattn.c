@@ -1,7 +1,7 @@
 // Runs the CPU backend's flash attention (ggml_flash_attn_ext) over a K and V cache written from Python (NSQ4 or NSQ3
-// each), so that tests/test_simd.py can compare every CPU path these types take with an attention computed in float64
-// from the reference dequantization: decode split between threads (with grouped query heads, or upstream's split),
-// decode on one_chunk, prefill (tiled).
+// each), so that tests/test_simd.py can compare it with an attention computed in float64 from the reference
+// dequantization, in decodes and prefills of several shapes, and check that a query row's result has the same bits
+// alone, with a few other rows and in a whole batch.
 //
 //   nsq4_fattn DIR DK DV N_Q N_KV N_HEAD N_HEAD_KV SCALE SOFTCAP N_THREADS K_TYPE V_TYPE
 //   nsq4_fattn --bench TYPE DK N_KV N_LIVE N_HEAD N_HEAD_KV N_THREADS REPS
