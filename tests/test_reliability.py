@@ -200,7 +200,9 @@ def test_seq_rm_then_decode_again(model, tokens, rotation):
 def test_seq_cp_branches_a_prompt(model, tokens, rotation, kv_unified):
     """A prompt decoded once and copied to a second sequence continues there as in a run of its own. Across
     streams (non-unified cache) the copy moves NSQ4 rows between buffers, and removing the first sequence afterwards
-    leaves the copy intact.
+    leaves the copy intact: the same logits, bit for bit. In a unified cache the copy's continuation lands in other
+    cells than a fresh run's (after the first sequence's), and flash attention over NSQ takes its cells in tiles at
+    fixed cell positions, so the rounding differs and a 4-bit cache turns that into other codes: close, not equal.
 
     Not asserted: in a unified cache, a sequence that continues into cells freed by removing another one gives
     logits up to ~0.7 away from a fresh run with an f32 or f16 cache too (measured; upstream behaviour, not NSQ4's)."""
@@ -217,16 +219,23 @@ def test_seq_cp_branches_a_prompt(model, tokens, rotation, kv_unified):
         if not kv_unified:
             assert llama_cpp.llama_memory_seq_rm(s.mem, 0, -1, -1)
         got_c = s.run(c, len(prompt) + len(b), seq=1)
-    np.testing.assert_array_equal(got_b, want_b)
-    np.testing.assert_array_equal(got_c, want_c)
+    if not kv_unified:
+        np.testing.assert_array_equal(got_b, want_b)
+        np.testing.assert_array_equal(got_c, want_c)
+        return
+    got, want = np.concatenate([got_b, got_c]), np.concatenate([want_b, want_c])
+    d, top1 = kld(want, got).mean(), float((want.argmax(-1) == got.argmax(-1)).mean())
+    print(f"seq_cp, unified cache: KLD {d:.4f}, top-1 {top1:.3f}")
+    # the parallel-sequences test's bounds; a copy the second sequence could not read would miss by far more
+    assert np.isfinite(got).all() and d < 0.1 and top1 > 0.75, (d, top1)
 
 
 @pytest.mark.parametrize("rotation", ROTATION)
 def test_parallel_sequences_in_one_batch(model, tokens, rotation):
     """Three sequences of different lengths prefilled in one batch, then decoded a token each per batch, match
-    their single-sequence runs. Not bit for bit: ggml's CPU flash attention takes its tiled path for a batch of 64+
-    query rows and its row-by-row path for fewer (f16 caches alike), and with a 4-bit cache the rounding difference
-    can flip codes in later layers. Measured on SmolLM2 (rotation on): prefill KLD 0 / 0.044 / 0.024, decode KLD
+    their single-sequence runs. Not bit for bit: in one unified cache a sequence's cells sit elsewhere than in a run
+    of its own, flash attention over NSQ takes cells in tiles at fixed cell positions, and with a 4-bit cache the
+    rounding difference can flip codes in later layers. Measured on SmolLM2 (rotation on): prefill KLD 0 / 0.044 / 0.024, decode KLD
     0 / 0.020 / 0.030, top-1 agreement 1 / 0.85 / 0.89; attending to another sequence's cells would be far worse."""
     prompts = [tokens[:70], tokens[1000:1033], tokens[2000:2101]]
     steps = [tokens[70:78], tokens[1033:1041], tokens[2101:2109]]
