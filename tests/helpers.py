@@ -4,6 +4,7 @@ nsq_local.reference.sample_blocks) and kernel check of the reference, CUDA, Meta
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
@@ -51,6 +52,19 @@ def need(tool: str, hint: str) -> str:
 def tools_dir() -> Path:
     """The llama.cpp tools built from the same patched tree (tests/run.sh builds them into build/tools/bin)."""
     return Path(os.environ.get("NSQ_TOOLS_DIR", ROOT / "build" / "tools" / "bin"))
+
+
+def pinned_sdist() -> Path:
+    """The pinned upstream sdist, located and verified as ggml_patch/prepare.py does (for the tests that compare the
+    patched tree with the pristine one)."""
+    spec = importlib.util.spec_from_file_location("nsq_prepare", ROOT / "ggml_patch" / "prepare.py")
+    prep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prep)
+    pin = prep.read_pin()
+    cache = Path(os.environ.get("NSQ_CACHE_DIR", Path.home() / ".cache" / "nsq-local"))
+    sdist = prep.locate_sdist(pin, os.environ.get("NSQ_UPSTREAM_SDIST"), cache)
+    assert prep.sha256(sdist) == pin["sha256"], f"{sdist} is not the pinned sdist"
+    return sdist
 
 
 def run(cmd: list, env: dict | None = None, timeout: int = 600) -> str:

@@ -12,7 +12,6 @@ GGML_METAL_NSQ, the macro only NSQ4's libraries are compiled with.
 from __future__ import annotations
 
 import difflib
-import importlib.util
 import os
 import re
 import shutil
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ROOT
+from helpers import pinned_sdist
 
 SRC = "vendor/llama.cpp/ggml/src"
 NSQ_KINDS = ("nsq", "fa_nsq", "fa_vec_nsq")
@@ -39,13 +38,6 @@ EMBED_HEADERS = ("dequantize.h", "quantize.h", "nsq4.h", "nsq3.h", "fa_common.me
 Files = dict[str, str]  # path under ggml/src -> text
 
 
-def load_prepare():
-    spec = importlib.util.spec_from_file_location("nsq_prepare", ROOT / "ggml_patch" / "prepare.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def metal_files(read: dict[str, bytes]) -> Files:
     return {rel: data.decode() for rel, data in read.items()
             if rel.startswith("ggml-metal/") or rel == "ggml-common.h"}
@@ -54,11 +46,7 @@ def metal_files(read: dict[str, bytes]) -> Files:
 @pytest.fixture(scope="module")
 def pristine() -> Files:
     """ggml/src's Metal files and ggml-common.h, straight from the pinned sdist (verified as prepare.py does)."""
-    prep = load_prepare()
-    pin = prep.read_pin()
-    cache = Path(os.environ.get("NSQ_CACHE_DIR", Path.home() / ".cache" / "nsq-local"))
-    sdist = prep.locate_sdist(pin, os.environ.get("NSQ_UPSTREAM_SDIST"), cache)
-    assert prep.sha256(sdist) == pin["sha256"], f"{sdist} is not the pinned sdist"
+    sdist = pinned_sdist()
     found = {}
     with tarfile.open(sdist) as tar:
         for member in tar.getmembers():

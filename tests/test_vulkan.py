@@ -12,7 +12,6 @@ Without glslc, only the checks on the shader sources run; without the Vulkan too
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -24,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import ROOT, missing_tool, require_tool, tools_dir
+from helpers import missing_tool, pinned_sdist, require_tool, tools_dir
 
 SHADERS = "vendor/llama.cpp/ggml/src/ggml-vulkan/vulkan-shaders"
 VK_ENV = {"GGML_VK_VISIBLE_DEVICES": "0"}
@@ -71,13 +70,6 @@ def test_shader_tables_are_ggml_commons(upstream_tree):
     assert shader_table(text, "nsq3_scales_b", 0) == common_table(upstream_tree, "kscales_nsq3")
 
 
-def load_prepare():
-    spec = importlib.util.spec_from_file_location("nsq_prepare", ROOT / "ggml_patch" / "prepare.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def preprocess_all(shaders: Path, work: Path, glslc: str) -> dict[str, bytes]:
     """Every shader variant vulkan-shaders-gen (built from `shaders`) makes, as the source glslc compiles: the gen
     runs with a glslc that only preprocesses (-E, without -O), and #line markers, which carry file names and line
@@ -105,11 +97,7 @@ def test_upstream_shaders_are_unchanged(upstream_tree, tmp_path):
     it; the patched tree adds the NSQ variants and nothing else. (The NSQ code sits behind DATA_A_NSQ4, DATA_A_NSQ3
     and FA_NSQ, which only the NSQ variants define.)"""
     glslc = require_tool("glslc", "glslc (Debian/Ubuntu: apt-get install glslc)")
-    prep = load_prepare()
-    pin = prep.read_pin()
-    cache = Path(os.environ.get("NSQ_CACHE_DIR", Path.home() / ".cache" / "nsq-local"))
-    sdist = prep.locate_sdist(pin, os.environ.get("NSQ_UPSTREAM_SDIST"), cache)
-    assert prep.sha256(sdist) == pin["sha256"], f"{sdist} is not the pinned sdist"
+    sdist = pinned_sdist()
     pristine_dir = tmp_path / "pristine"
     with tarfile.open(sdist) as tar:
         members = [m for m in tar.getmembers() if f"/{SHADERS}/" in m.name and m.isfile()]
